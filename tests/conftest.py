@@ -1,0 +1,42 @@
+"""Shared fixtures: synthetic checkpoints (one per preset, built once per session) and conversions."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from w4a8conv.api import convert
+from w4a8conv.synthetic import PRESETS, SyntheticSpec, write_checkpoint
+
+
+@pytest.fixture(scope="session")
+def preset_source(tmp_path_factory):
+    """preset_source(name, **overrides) -> a read-only-by-convention source directory, cached."""
+    cache: dict[tuple, Path] = {}
+
+    def build(name: str, **overrides) -> Path:
+        key = (name, tuple(sorted(overrides.items())))
+        if key not in cache:
+            spec: SyntheticSpec = replace(PRESETS[name], **overrides)
+            cache[key] = write_checkpoint(tmp_path_factory.mktemp(f"src-{name}"), spec)
+        return cache[key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def converted(preset_source, tmp_path_factory):
+    """converted(name, **overrides) -> (source dir, converted dir), cached."""
+    cache: dict[tuple, tuple[Path, Path]] = {}
+
+    def build(name: str, **overrides) -> tuple[Path, Path]:
+        key = (name, tuple(sorted(overrides.items())))
+        if key not in cache:
+            source = preset_source(name, **overrides)
+            output = tmp_path_factory.mktemp(f"out-{name}") / "npu"
+            convert(source, output)
+            cache[key] = (source, output)
+        return cache[key]
+
+    return build

@@ -1,0 +1,56 @@
+"""Format facts shared by the converter, the writer and the runtime view."""
+from __future__ import annotations
+
+from enum import Enum, IntEnum
+
+__all__ = [
+    "SOURCE_TYPE", "CONVERTED_TYPE", "LAYOUT_NAME", "LAYOUT_VERSION", "STAMP_KEY",
+    "TARGET_VLLM_ASCEND", "DOWN_BIAS_CHUNKS", "INT4_PER_INT32", "QuantVersion", "Variant",
+    "ExitCode", "DESCRIPTION_NAME", "INDEX_NAME", "SHARD_NAME",
+]
+
+SOURCE_TYPE = "W4A8_DYNAMIC"
+CONVERTED_TYPE = "W4A8_DYNAMIC_NPU"
+
+LAYOUT_NAME = "w4a8conv-npu-ready"
+LAYOUT_VERSION = 1
+STAMP_KEY = "w4a8conv"
+TARGET_VLLM_ASCEND = ">=0.11.0,<0.14"
+
+# msModelSlim cuts down_proj's input dimension in 16 chunks for scale_bias; vllm-ascend gives each
+# of T MoE tensor-parallel ranks 16/T of them, so T must divide 16.
+DOWN_BIAS_CHUNKS = 16
+INT4_PER_INT32 = 8
+
+DESCRIPTION_NAME = "quant_model_description.json"
+INDEX_NAME = "model.safetensors.index.json"
+SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
+
+
+class QuantVersion(str, Enum):
+    """The description's `version`: "0" stores one int4 per int8, "1.0.0" two per int8."""
+
+    V0 = "0"
+    V1 = "1.0.0"
+
+
+class Variant(str, Enum):
+    """Every W4A8_DYNAMIC module kind the converter knows; each maps to one transform table entry."""
+
+    MOE_GROUP_V0 = "moe-group-v0"
+    MOE_GROUP_V1 = "moe-group-v1"
+    MOE_CHANNEL_V0 = "moe-channel-v0"
+    MOE_CHANNEL_V1 = "moe-channel-v1"
+    LINEAR_GROUP_V0 = "linear-group-v0"
+    LINEAR_GROUP_V1 = "linear-group-v1"
+
+
+class ExitCode(IntEnum):
+    """Process exit codes of the CLI (documented in README)."""
+
+    OK = 0
+    INTERNAL = 1
+    USAGE = 2
+    INVALID_INPUT = 3
+    IO_FAILURE = 4
+    VERIFY_FAILED = 5

@@ -1,0 +1,363 @@
+"""The conversion plan: every output tensor with its dtype, shape and recipe, from headers alone.
+
+Building the plan validates the checkpoint's structure (module membership, dtypes, shapes, group
+divisibility); no tensor data is read here. `produce.py` executes recipes, `writer.py` stores them.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from .constants import CONVERTED_TYPE, DOWN_BIAS_CHUNKS, INT4_PER_INT32, SOURCE_TYPE, QuantVersion, Variant
+from .errors import InvalidCheckpointError
+from .source.checkpoint import DEFAULT_GROUP_SIZE, SourceCheckpoint
+from .source.safetensors_file import DTYPE_SIZES, TensorRef
+from .transforms import LINEAR_SPECS, MOE_SPECS
+
+__all__ = [
+    "PROJECTION_NAMES", "MoeLayer", "LinearModule", "CopyBytes", "StackExperts", "LinearTensor",
+    "OutputTensor", "Plan", "make_plan", "natural_key", "MOE_OUTPUTS",
+]
+
+# Expert projection names per model family: (gate, up, down).
+PROJECTION_NAMES: tuple[tuple[str, str, str], ...] = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+MOE_OUTPUTS = ("weight", "weight_scale", "scale_bias")
+_EXPERT_WEIGHT = re.compile(r"^(?P<layer>.+)\.experts\.(?P<expert>\d+)\.(?P<proj>[^.]+)\.weight$")
+_FLOAT_DTYPES = {"F32", "F16", "BF16"}
+_MOE_VARIANT = {
+    (QuantVersion.V0, True): Variant.MOE_GROUP_V0, (QuantVersion.V1, True): Variant.MOE_GROUP_V1,
+    (QuantVersion.V0, False): Variant.MOE_CHANNEL_V0, (QuantVersion.V1, False): Variant.MOE_CHANNEL_V1,
+}
+_LINEAR_VARIANT = {QuantVersion.V0: Variant.LINEAR_GROUP_V0, QuantVersion.V1: Variant.LINEAR_GROUP_V1}
+
+
+def _suffixes_with_offsets(outputs) -> tuple[str, ...]:
+    """Every source suffix the outputs read, plus the zero offsets that accompany the scales."""
+    needs = {suffix for output in outputs for suffix in output.needs}
+    offsets = {s.replace("scale", "offset") for s in needs if s in ("weight_scale", "weight_scale_second")}
+    return tuple(sorted(needs | offsets))
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that puts layers.2 before layers.10."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name))
+
+
+@dataclass(frozen=True)
+class MoeLayer:
+    """One MoE layer's W4A8 experts: E experts x (gate [I, H], up [I, H], down [H, I])."""
+
+    prefix: str
+    variant: Variant
+    num_experts: int
+    projections: tuple[str, str, str]
+    hidden: int
+    intermediate: int
+    group_size: int  # 0 = per-channel
+
+    def source_name(self, expert: int, proj: str, suffix: str) -> str:
+        return f"{self.prefix}.experts.{expert}.{proj}.{suffix}"
+
+    def output_name(self, proj: str, output: str) -> str:
+        return f"{self.prefix}.experts.{proj}.{output}"
+
+    def dims(self, proj: str) -> tuple[int, int]:
+        """(out, in) of a projection in source orientation."""
+        return (self.hidden, self.intermediate) if proj == self.projections[2] else (self.intermediate, self.hidden)
+
+    def source_suffixes(self) -> tuple[str, ...]:
+        return _suffixes_with_offsets(MOE_SPECS[self.variant].outputs.values())
+
+
+@dataclass(frozen=True)
+class LinearModule:
+    """One W4A8 Linear layer: weight [N, K] in source orientation."""
+
+    prefix: str
+    variant: Variant
+    out_features: int
+    in_features: int
+    group_size: int
+    bias_columns: int  # 1, or 16 for a row-parallel "1.0.0" layer's scale_bias
+
+    def source_name(self, suffix: str) -> str:
+        return f"{self.prefix}.{suffix}"
+
+    def source_suffixes(self) -> tuple[str, ...]:
+        return _suffixes_with_offsets(LINEAR_SPECS[self.variant].outputs.values())
+
+
+@dataclass(frozen=True)
+class CopyBytes:
+    """A tensor that is not W4A8_DYNAMIC: copied byte for byte."""
+
+    ref: TensorRef
+
+
+@dataclass(frozen=True)
+class StackExperts:
+    """All experts of one projection, stacked on a leading expert dimension."""
+
+    layer: MoeLayer
+    proj: str
+    output: str  # one of MOE_OUTPUTS
+
+
+@dataclass(frozen=True)
+class LinearTensor:
+    """One of a Linear layer's outputs, named as vllm-ascend names the final parameter."""
+
+    module: LinearModule
+    output: str  # a key of LINEAR_SPECS[variant].outputs
+    model_dtype: str
+
+
+Recipe = CopyBytes | StackExperts | LinearTensor
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    dtype: str  # safetensors dtype string
+    shape: tuple[int, ...]
+    recipe: Recipe
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+
+
+@dataclass(frozen=True)
+class Plan:
+    source: SourceCheckpoint
+    moe_layers: tuple[MoeLayer, ...]
+    linears: tuple[LinearModule, ...]
+    tensors: tuple[OutputTensor, ...]  # output order
+    consumed: frozenset[str]  # source tensors folded into converted outputs
+
+    @property
+    def passthrough(self) -> tuple[OutputTensor, ...]:
+        return tuple(t for t in self.tensors if isinstance(t.recipe, CopyBytes))
+
+    def output_description(self) -> dict:
+        """The source description with converted modules retyped; the stamp is added by the caller."""
+        out = {k: v for k, v in self.source.description.items() if k not in self.consumed}
+        for t in self.tensors:
+            if not isinstance(t.recipe, CopyBytes):
+                out[t.name] = CONVERTED_TYPE
+        # vllm-ascend resolves an MoE layer's scheme from "<prefix>.experts.<e>.<proj>.weight" keys.
+        for layer in self.moe_layers:
+            for e in range(layer.num_experts):
+                for proj in layer.projections:
+                    out[layer.source_name(e, proj, "weight")] = CONVERTED_TYPE
+        return dict(sorted(out.items(), key=lambda kv: natural_key(kv[0])))
+
+
+class _Checker:
+    """Header-level rules, each failure naming the file, the tensor and the rule."""
+
+    def __init__(self, source: SourceCheckpoint):
+        self.source = source
+
+    def ref(self, name: str, module: str) -> TensorRef:
+        ref = self.source.tensors.get(name)
+        if ref is None:
+            raise InvalidCheckpointError(f"missing; W4A8_DYNAMIC module {module} needs it",
+                                         file=self.source.root, tensor=name)
+        if self.source.type_of(name) != SOURCE_TYPE:
+            raise InvalidCheckpointError(f"typed {self.source.type_of(name)!r} but its module {module} is "
+                                         f"{SOURCE_TYPE}", file=self.source.description_file, tensor=name)
+        return ref
+
+    def expect(self, ref: TensorRef, dtypes: set[str], shape: tuple[int, ...], why: str = "") -> None:
+        if ref.dtype not in dtypes:
+            raise InvalidCheckpointError(f"dtype {ref.dtype}, expected {' or '.join(sorted(dtypes))}",
+                                         file=ref.file, tensor=ref.name)
+        if ref.shape != shape:
+            raise InvalidCheckpointError(f"shape {list(ref.shape)}, expected {list(shape)}{why}",
+                                         file=ref.file, tensor=ref.name)
+
+    def group_columns(self, ref: TensorRef, out: int, inp: int, group: int) -> None:
+        """weight_scale_second must be [out, in/G] for the group size vllm-ascend will use."""
+        if inp % group:
+            raise InvalidCheckpointError(f"input dimension {inp} is not a multiple of group_size {group}",
+                                         file=ref.file, tensor=ref.name)
+        if ref.shape != (out, inp // group) and len(ref.shape) == 2 and ref.shape[0] == out and ref.shape[1]:
+            implied = inp // ref.shape[1] if inp % ref.shape[1] == 0 else None
+            hint = (f"; the description has no group_size, so vllm-ascend uses {DEFAULT_GROUP_SIZE}"
+                    if not self.source.group_size_given else "")
+            if implied:
+                hint += f"; these columns mean group size {implied}: set \"group_size\": {implied}"
+            raise InvalidCheckpointError(f"shape {list(ref.shape)}, expected [{out}, {inp // group}] "
+                                         f"for group_size {group}{hint}", file=ref.file, tensor=ref.name)
+        self.expect(ref, _FLOAT_DTYPES, (out, inp // group))
+
+
+def _packed_rows(version: QuantVersion, out: int) -> int:
+    return out // 2 if version is QuantVersion.V1 else out
+
+
+def _check_projection(check: _Checker, layer: MoeLayer, expert: int, proj: str) -> None:
+    out, inp = layer.dims(proj)
+    module = f"{layer.prefix}.experts.{expert}.{proj}"
+    name = lambda suffix: layer.source_name(expert, proj, suffix)  # noqa: E731
+    spec = MOE_SPECS[layer.variant]
+    check.expect(check.ref(name("weight"), module), {"I8"}, (_packed_rows(check.source.version, out), inp),
+                 " (same as expert 0's)")
+    for suffix in ("weight_scale", "weight_offset"):
+        check.expect(check.ref(name(suffix), module), _FLOAT_DTYPES, (out, 1))
+    if spec.per_group:
+        for suffix in ("weight_scale_second", "weight_offset_second"):
+            check.group_columns(check.ref(name(suffix), module), out, inp, layer.group_size)
+    if spec.bias_in_checkpoint:
+        columns = DOWN_BIAS_CHUNKS if proj == layer.projections[2] else 1
+        check.expect(check.ref(name("scale_bias"), module), _FLOAT_DTYPES, (out, columns))
+
+
+def _moe_layer(check: _Checker, prefix: str, experts: dict[int, set[str]]) -> MoeLayer:
+    source = check.source
+    ids = sorted(experts)
+    if ids != list(range(len(ids))):
+        missing = sorted(set(range(ids[-1] + 1)) - set(ids))
+        raise InvalidCheckpointError(f"expert ids are not 0..{ids[-1]} without gaps (missing {missing[:8]})",
+                                     file=source.description_file, tensor=f"{prefix}.experts")
+    projections = next((p for p in PROJECTION_NAMES if experts[0] <= set(p) and set(p) <= experts[0]), None)
+    if projections is None:
+        known = " or ".join("/".join(p) for p in PROJECTION_NAMES)
+        raise InvalidCheckpointError(f"expert 0 has projections {sorted(experts[0])}, expected {known}",
+                                     file=source.description_file, tensor=f"{prefix}.experts.0")
+    for e in ids:
+        if experts[e] != set(projections):
+            raise InvalidCheckpointError(f"projections {sorted(experts[e])} differ from expert 0's",
+                                         file=source.description_file, tensor=f"{prefix}.experts.{e}")
+    gate, _up, down = projections
+    gate_scale = check.ref(f"{prefix}.experts.0.{gate}.weight_scale", f"{prefix}.experts.0.{gate}")
+    down_scale = check.ref(f"{prefix}.experts.0.{down}.weight_scale", f"{prefix}.experts.0.{down}")
+    if not gate_scale.shape or not down_scale.shape:
+        raise InvalidCheckpointError("weight_scale is a scalar, expected [out, 1]", file=gate_scale.file,
+                                     tensor=(gate_scale if not gate_scale.shape else down_scale).name)
+    intermediate, hidden = gate_scale.shape[0], down_scale.shape[0]
+    per_group = source.group_size != 0
+    layer = MoeLayer(prefix, _MOE_VARIANT[(source.version, per_group)], len(ids), projections, hidden,
+                     intermediate, source.group_size)
+    for out in (intermediate, hidden):
+        if out % INT4_PER_INT32:
+            raise InvalidCheckpointError(f"output dimension {out} is not a multiple of {INT4_PER_INT32}, "
+                                         "the int4 values packed per int32", file=gate_scale.file,
+                                         tensor=f"{prefix}.experts")
+    if not MOE_SPECS[layer.variant].bias_in_checkpoint and intermediate % DOWN_BIAS_CHUNKS:
+        raise InvalidCheckpointError(f"intermediate size {intermediate} does not split into the "
+                                     f"{DOWN_BIAS_CHUNKS} down_proj bias chunks", file=down_scale.file,
+                                     tensor=f"{prefix}.experts")
+    for e in ids:
+        for proj in projections:
+            _check_projection(check, layer, e, proj)
+    return layer
+
+
+def _linear(check: _Checker, prefix: str) -> LinearModule:
+    source = check.source
+    weight = check.ref(f"{prefix}.weight", prefix)
+    if source.group_size == 0:
+        raise InvalidCheckpointError("W4A8_DYNAMIC Linear layers are served per-group only by vllm-ascend "
+                                     "0.11-0.13, and this checkpoint is per-channel (group_size 0)",
+                                     file=source.description_file, tensor=weight.name)
+    if len(weight.shape) != 2:
+        raise InvalidCheckpointError(f"shape {list(weight.shape)} is not 2-D [out, in]", file=weight.file,
+                                     tensor=weight.name)
+    rows, inp = weight.shape
+    out = rows * 2 if source.version is QuantVersion.V1 else rows
+    variant = _LINEAR_VARIANT[source.version]
+    check.expect(weight, {"I8"}, (rows, inp))
+    if out % INT4_PER_INT32:
+        raise InvalidCheckpointError(f"output dimension {out} is not a multiple of {INT4_PER_INT32}",
+                                     file=weight.file, tensor=weight.name)
+    for suffix in ("weight_scale", "weight_offset"):
+        check.expect(check.ref(f"{prefix}.{suffix}", prefix), _FLOAT_DTYPES, (out, 1))
+    for suffix in ("weight_scale_second", "weight_offset_second"):
+        check.group_columns(check.ref(f"{prefix}.{suffix}", prefix), out, inp, source.group_size)
+    bias_columns = 1
+    if "scale_bias" in LINEAR_SPECS[variant].outputs:
+        bias = check.ref(f"{prefix}.scale_bias", prefix)
+        bias_columns = bias.shape[1] if len(bias.shape) == 2 and bias.shape[1] == DOWN_BIAS_CHUNKS else 1
+        check.expect(bias, _FLOAT_DTYPES, (out, bias_columns), " (or [out, 16] for a row-parallel layer)")
+    return LinearModule(prefix, variant, out, inp, source.group_size, bias_columns)
+
+
+def _moe_outputs(layer: MoeLayer) -> list[OutputTensor]:
+    tensors = []
+    groups = lambda inp: inp // layer.group_size if layer.group_size else 1  # noqa: E731
+    for proj in layer.projections:
+        out, inp = layer.dims(proj)
+        is_down = proj == layer.projections[2]
+        shapes = {
+            "weight": ("I32", (layer.num_experts, inp, out // INT4_PER_INT32)),
+            "weight_scale": ("I64", (layer.num_experts, groups(inp), out)),
+            "scale_bias": ("F32", (layer.num_experts, out, DOWN_BIAS_CHUNKS) if is_down
+                           else (layer.num_experts, out)),
+        }
+        for output in MOE_OUTPUTS:
+            dtype, shape = shapes[output]
+            tensors.append(OutputTensor(layer.output_name(proj, output), dtype, shape,
+                                        StackExperts(layer, proj, output)))
+    return tensors
+
+
+def _linear_outputs(module: LinearModule, model_dtype: str) -> list[OutputTensor]:
+    out, inp = module.out_features, module.in_features
+    shapes = {
+        "weight": ("I32", (inp, out // INT4_PER_INT32)),
+        "weight_scale_second": ("F32", (inp // module.group_size, out)),
+    }
+    bias = ("F32", (out,) if module.bias_columns == 1 else (out, module.bias_columns))
+    return [OutputTensor(f"{module.prefix}.{name}", *shapes.get(name, bias), LinearTensor(module, name, model_dtype))
+            for name in LINEAR_SPECS[module.variant].outputs]
+
+
+def make_plan(source: SourceCheckpoint) -> Plan:
+    """Classify every tensor, validate structure, and lay out the output tensors in order."""
+    check = _Checker(source)
+    moe: dict[str, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))
+    linear_prefixes: list[str] = []
+    for name in source.tensors:
+        if source.type_of(name) != SOURCE_TYPE or not name.endswith(".weight"):
+            continue
+        match = _EXPERT_WEIGHT.match(name)
+        if match:
+            moe[match["layer"]][int(match["expert"])].add(match["proj"])
+        else:
+            linear_prefixes.append(name[: -len(".weight")])
+
+    moe_layers = tuple(_moe_layer(check, prefix, moe[prefix]) for prefix in sorted(moe, key=natural_key))
+    linears = tuple(_linear(check, prefix) for prefix in sorted(linear_prefixes, key=natural_key))
+    if linears and source.model_dtype is None:
+        raise InvalidCheckpointError("W4A8 Linear scales are rounded to the model dtype, and config.json "
+                                     "gives none: pass --model-dtype", file=source.root / "config.json")
+    dtype_name = str(source.model_dtype).removeprefix("torch.") if source.model_dtype else ""
+
+    consumed: set[str] = set()
+    outputs: list[OutputTensor] = []
+    for layer in moe_layers:
+        outputs += _moe_outputs(layer)
+        consumed.update(layer.source_name(e, p, s) for e in range(layer.num_experts)
+                        for p in layer.projections for s in layer.source_suffixes())
+    for module in linears:
+        outputs += _linear_outputs(module, dtype_name)
+        consumed.update(module.source_name(s) for s in module.source_suffixes())
+
+    for name, ref in source.tensors.items():
+        if name in consumed:
+            continue
+        if source.type_of(name) == SOURCE_TYPE:
+            raise InvalidCheckpointError("W4A8_DYNAMIC tensor belongs to no W4A8 module (no matching "
+                                         "'.weight'), or has an unknown suffix", file=ref.file, tensor=name)
+        outputs.append(OutputTensor(name, ref.dtype, ref.shape, CopyBytes(ref)))
+    outputs.sort(key=lambda t: natural_key(t.name))
+    names = [t.name for t in outputs]
+    if len(set(names)) != len(names):
+        clash = next(n for n in names if names.count(n) > 1)
+        raise InvalidCheckpointError("a converted tensor's name is already used by a source tensor",
+                                     file=source.root, tensor=clash)
+    return Plan(source, moe_layers, linears, tuple(outputs), frozenset(consumed))
+

@@ -1,0 +1,123 @@
+"""Executes a plan's recipes: loads the source tensors a recipe needs, applies the pure transform,
+and yields the output tensor's bytes piece by piece (one expert at a time for stacked tensors).
+
+Content rules that need tensor data run here: `check_small_tensors` before anything is written,
+and the int4 range of version "0" weights as each weight is read.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import torch
+
+from .constants import DOWN_BIAS_CHUNKS
+from .errors import InvalidCheckpointError
+from .plan import CopyBytes, LinearTensor, OutputTensor, Plan, StackExperts
+from .source.checkpoint import MODEL_DTYPES
+from .source.reader import TensorReader
+from .source.safetensors_file import TORCH_DTYPES, TensorRef
+from .transforms import LINEAR_SPECS, MOE_SPECS
+from .transforms.rules import fp16_overflow_violation, int4_range_violation, scale_violation, zero_violation
+from .transforms.scales import fuse_group_scales_fp16, round_to_dtype
+
+__all__ = ["produce", "check_small_tensors", "COPY_CHUNK_BYTES"]
+
+COPY_CHUNK_BYTES = 64 * 2**20
+
+
+def _checked(ref: TensorRef, tensor: torch.Tensor, suffix: str, int4_values: bool) -> torch.Tensor:
+    """Apply the content rule that fits a source tensor's role; raise naming file, tensor and rule."""
+    if suffix == "weight":
+        problem = int4_range_violation(tensor) if int4_values else None
+    elif suffix in ("weight_scale", "weight_scale_second"):
+        problem = scale_violation(tensor)
+    elif suffix in ("weight_offset", "weight_offset_second"):
+        problem = zero_violation(tensor)
+    else:
+        problem = None if bool(torch.isfinite(tensor.to(torch.float32)).all()) else "value is not finite"
+    if problem:
+        raise InvalidCheckpointError(problem, file=ref.file, tensor=ref.name)
+    return tensor
+
+
+def _load_parts(reader: TensorReader, tensors: Mapping[str, TensorRef], names: Mapping[str, str],
+                int4_values: bool) -> dict[str, torch.Tensor]:
+    return {suffix: _checked(tensors[name], reader.load(tensors[name]), suffix, int4_values)
+            for suffix, name in names.items()}
+
+
+def _as_bytes(piece: torch.Tensor, tensor: OutputTensor, shape: tuple[int, ...]) -> memoryview:
+    if tuple(piece.shape) != shape or piece.dtype != TORCH_DTYPES[tensor.dtype]:
+        raise AssertionError(f"{tensor.name}: transform gave {piece.dtype} {list(piece.shape)}, "
+                             f"the plan says {tensor.dtype} {list(shape)}")
+    return memoryview(piece.contiguous().numpy()).cast("B")
+
+
+def _copy(tensor: OutputTensor, recipe: CopyBytes, reader: TensorReader, _tensors) -> Iterator[memoryview]:
+    for start in range(0, recipe.ref.nbytes, COPY_CHUNK_BYTES):
+        buf = memoryview(bytearray(min(COPY_CHUNK_BYTES, recipe.ref.nbytes - start)))
+        reader.read_into(recipe.ref, buf, start)
+        yield buf
+
+
+def _stack(tensor: OutputTensor, recipe: StackExperts, reader: TensorReader,
+           tensors: Mapping[str, TensorRef]) -> Iterator[memoryview]:
+    layer = recipe.layer
+    spec = MOE_SPECS[layer.variant]
+    output = spec.outputs[recipe.output]
+    is_down = recipe.proj == layer.projections[2]
+    for expert in range(layer.num_experts):
+        names = {s: layer.source_name(expert, recipe.proj, s) for s in output.needs}
+        piece = output.make(_load_parts(reader, tensors, names, not spec.packed_pairs),
+                            DOWN_BIAS_CHUNKS if is_down else 1)
+        if recipe.output == "scale_bias" and not is_down:
+            piece = piece.reshape(-1)  # gate/up bias is [out]; down keeps its 16 chunks
+        yield _as_bytes(piece, tensor, tensor.shape[1:])
+
+
+def _linear(tensor: OutputTensor, recipe: LinearTensor, reader: TensorReader,
+            tensors: Mapping[str, TensorRef]) -> Iterator[memoryview]:
+    spec = LINEAR_SPECS[recipe.module.variant]
+    output = spec.outputs[recipe.output]
+    names = {s: recipe.module.source_name(s) for s in output.needs}
+    piece = output.make(_load_parts(reader, tensors, names, not spec.packed_pairs),
+                        MODEL_DTYPES[recipe.model_dtype])
+    yield _as_bytes(piece, tensor, tensor.shape)
+
+
+_PRODUCERS = {CopyBytes: _copy, StackExperts: _stack, LinearTensor: _linear}
+
+
+def produce(tensor: OutputTensor, reader: TensorReader, tensors: Mapping[str, TensorRef]) -> Iterator[memoryview]:
+    """The output tensor's bytes, in order, in pieces of at most one expert (or 64 MiB)."""
+    return _PRODUCERS[type(tensor.recipe)](tensor, tensor.recipe, reader, tensors)
+
+
+def check_small_tensors(plan: Plan, reader: TensorReader) -> None:
+    """Every rule on scales, offsets and biases, checked before the first output byte is written.
+
+    Also refuses fused per-group scales that overflow fp16 (vllm-ascend would serve inf) and Linear
+    scales that overflow the model dtype. Weights are checked as they are converted.
+    """
+    tensors = plan.source.tensors
+    for layer in plan.moe_layers:
+        suffixes = [s for s in layer.source_suffixes() if s != "weight"]
+        for expert in range(layer.num_experts):
+            for proj in layer.projections:
+                names = {s: layer.source_name(expert, proj, s) for s in suffixes}
+                parts = _load_parts(reader, tensors, names, False)
+                if "weight_scale_second" in parts:
+                    fused = fuse_group_scales_fp16(parts["weight_scale"], parts["weight_scale_second"])
+                    problem = fp16_overflow_violation(fused)
+                    if problem:
+                        ref = tensors[names["weight_scale_second"]]
+                        raise InvalidCheckpointError(problem, file=ref.file, tensor=ref.name)
+    for module in plan.linears:
+        names = {s: module.source_name(s) for s in module.source_suffixes() if s != "weight"}
+        parts = _load_parts(reader, tensors, names, False)
+        dtype = plan.source.model_dtype
+        for suffix in ("weight_scale", "weight_scale_second"):
+            if not bool(torch.isfinite(round_to_dtype(parts[suffix], dtype)).all()):
+                ref = tensors[names[suffix]]
+                raise InvalidCheckpointError(f"scale overflows the model dtype {dtype}", file=ref.file,
+                                             tensor=ref.name)

@@ -1,0 +1,210 @@
+"""Read-only view of an msModelSlim W4A8_DYNAMIC checkpoint directory (headers and JSON only).
+
+The three exporters write: `quant_model_description.json` or `quant_model_description_<type>.json`;
+one safetensors file, or shards with a `*.safetensors.index.json`. `version` and `group_size` are
+read as vllm-ascend 0.11 reads them: absent version -> "0", absent group_size -> 256, 0 -> per-channel.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..constants import QuantVersion
+from ..errors import InvalidCheckpointError
+from .safetensors_file import SafetensorsHeader, TensorRef, read_header
+
+__all__ = ["SourceCheckpoint", "open_source", "read_json", "MODEL_DTYPES", "DEFAULT_GROUP_SIZE"]
+
+DEFAULT_GROUP_SIZE = 256  # vllm-ascend's default when the description has no group_size
+MODEL_DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+}
+
+
+def read_json(file: Path) -> tuple[bytes, object]:
+    try:
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise InvalidCheckpointError(f"cannot read: {exc.strerror or exc}", file=file) from None
+    try:
+        return raw, json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidCheckpointError(f"not valid JSON ({exc})", file=file) from None
+
+
+@dataclass(frozen=True)
+class SourceCheckpoint:
+    """What a source directory holds, validated; tensor data is read only through `TensorRef.load`."""
+
+    root: Path
+    description_file: Path
+    description_bytes: bytes
+    description: dict
+    version: QuantVersion
+    group_size: int  # 0 = per-channel
+    group_size_given: bool
+    model_dtype: torch.dtype | None
+    index_file: Path | None
+    headers: tuple[SafetensorsHeader, ...]
+    tensors: dict[str, TensorRef] = field(repr=False)
+
+    def type_of(self, name: str) -> str:
+        return self.description[name]
+
+    @property
+    def weight_files(self) -> tuple[Path, ...]:
+        return tuple(h.file for h in self.headers)
+
+    def non_weight_files(self) -> list[Path]:
+        """Top-level regular files that are neither weights, their index, nor a quant description."""
+        skip = {self.description_file.name, *(f.name for f in self.weight_files)}
+        if self.index_file:
+            skip.add(self.index_file.name)
+        return sorted(p for p in self.root.iterdir()
+                      if p.is_file() and p.name not in skip and not p.name.endswith(".safetensors")
+                      and not p.name.startswith("quant_model_description"))
+
+    def fingerprint(self) -> str:
+        """sha256 over the description, the index and every shard's name, size and header."""
+        h = hashlib.sha256()
+        h.update(self.description_bytes)
+        if self.index_file:
+            h.update(self.index_file.read_bytes())
+        for header in self.headers:
+            h.update(f"\0{header.file.name}\0{header.file.stat().st_size}\0".encode())
+            h.update(header.header_bytes)
+        return "sha256:" + h.hexdigest()
+
+
+def _find_description(root: Path) -> Path:
+    plain = root / "quant_model_description.json"
+    if plain.is_file():
+        return plain
+    typed = sorted(root.glob("quant_model_description_*.json"))
+    if len(typed) == 1:
+        return typed[0]
+    if not typed:
+        raise InvalidCheckpointError("no quant_model_description.json or quant_model_description_<type>.json; "
+                                     "this is not an msModelSlim checkpoint", file=root)
+    raise InvalidCheckpointError(f"several quant descriptions ({', '.join(p.name for p in typed)}); "
+                                 "keep exactly one", file=root)
+
+
+def _parse_version(description: dict, file: Path) -> QuantVersion:
+    raw = description.get("version", QuantVersion.V0.value)
+    try:
+        return QuantVersion(raw)
+    except ValueError:
+        known = ", ".join(repr(v.value) for v in QuantVersion)
+        raise InvalidCheckpointError(f"unknown version {raw!r} (known: {known})", file=file,
+                                     tensor="version") from None
+
+
+def _parse_group_size(description: dict, file: Path) -> int:
+    raw = description.get("group_size", DEFAULT_GROUP_SIZE)
+    if type(raw) is not int or raw < 0:
+        raise InvalidCheckpointError(f"group_size {raw!r} is not a non-negative integer", file=file,
+                                     tensor="group_size")
+    return raw
+
+
+def _model_dtype(root: Path, override: str | None) -> torch.dtype | None:
+    if override is not None:
+        if override not in MODEL_DTYPES:
+            raise InvalidCheckpointError(f"model dtype {override!r} is not one of {', '.join(MODEL_DTYPES)}")
+        return MODEL_DTYPES[override]
+    config = root / "config.json"
+    if not config.is_file():
+        return None
+    _raw, parsed = read_json(config)
+    name = parsed.get("torch_dtype", parsed.get("dtype")) if isinstance(parsed, dict) else None
+    if name is None:
+        return None
+    if name not in MODEL_DTYPES:
+        raise InvalidCheckpointError(f"torch_dtype {name!r} is not one of {', '.join(MODEL_DTYPES)}",
+                                     file=config, tensor="torch_dtype")
+    return MODEL_DTYPES[name]
+
+
+def _inside(root: Path, candidate: Path) -> bool:
+    real_root, real = os.path.realpath(root), os.path.realpath(candidate)
+    return os.path.commonpath([real_root, real]) == real_root
+
+
+def _indexed_files(root: Path, index_file: Path) -> tuple[list[Path], dict[str, str]]:
+    _raw, index = read_json(index_file)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise InvalidCheckpointError("weight_map is missing or not a map of file names", file=index_file)
+    names = sorted(set(weight_map.values()))
+    for name in names:
+        path = root / name
+        if os.path.isabs(name) or not _inside(root, path):
+            raise InvalidCheckpointError(f"weight_map names {name!r}, which lies outside the checkpoint directory",
+                                         file=index_file)
+        if not path.is_file():
+            raise InvalidCheckpointError(f"weight_map names {name!r}, which does not exist", file=index_file)
+    return [root / n for n in names], weight_map
+
+
+def open_source(root: Path | str, *, model_dtype: str | None = None) -> SourceCheckpoint:
+    """Validate a source directory's description, index and headers; read no tensor data."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InvalidCheckpointError("not a directory", file=root)
+    description_file = _find_description(root)
+    description_bytes, description = read_json(description_file)
+    if not isinstance(description, dict):
+        raise InvalidCheckpointError("description is not a JSON object", file=description_file)
+    version = _parse_version(description, description_file)
+    group_size = _parse_group_size(description, description_file)
+
+    indexes = sorted(root.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+        raise InvalidCheckpointError(f"several indexes ({', '.join(p.name for p in indexes)})", file=root)
+    index_file = indexes[0] if indexes else None
+    if index_file:
+        files, weight_map = _indexed_files(root, index_file)
+    else:
+        files, weight_map = sorted(root.glob("*.safetensors")), None
+        if not files:
+            raise InvalidCheckpointError("no *.safetensors file", file=root)
+        for f in files:
+            if not _inside(root, f):
+                raise InvalidCheckpointError("is a link to a file outside the checkpoint directory", file=f)
+
+    headers = tuple(read_header(f) for f in files)
+    tensors: dict[str, TensorRef] = {}
+    for header in headers:
+        for name, ref in header.tensors.items():
+            if name in tensors:
+                raise InvalidCheckpointError(f"tensor also stored in {tensors[name].file.name}",
+                                             file=header.file, tensor=name)
+            if weight_map is not None and name not in weight_map:
+                raise InvalidCheckpointError(f"tensor is stored in {header.file.name} but not in the index",
+                                             file=index_file, tensor=name)
+            if weight_map is not None and weight_map[name] != header.file.name:
+                raise InvalidCheckpointError(
+                    f"tensor is stored in {header.file.name} but the index maps it to {weight_map[name]!r}",
+                    file=index_file, tensor=name)
+            tensors[name] = ref
+    if weight_map is not None:
+        for name, file_name in weight_map.items():
+            if name not in tensors:
+                raise InvalidCheckpointError(f"indexed in {file_name!r} but that file does not hold it",
+                                             file=index_file, tensor=name)
+    for name in tensors:
+        kind = description.get(name)
+        if not isinstance(kind, str):
+            raise InvalidCheckpointError("tensor has no quantization type in the description",
+                                         file=description_file, tensor=name)
+    return SourceCheckpoint(
+        root=root, description_file=description_file, description_bytes=description_bytes,
+        description=description, version=version, group_size=group_size,
+        group_size_given="group_size" in description, model_dtype=_model_dtype(root, model_dtype),
+        index_file=index_file, headers=headers, tensors=tensors)

@@ -1,0 +1,116 @@
+"""Strict safetensors header reading: name -> TensorRef, no tensor data touched.
+
+Checkpoints come from the internet, so every header field is checked against the file before an
+offset is trusted: header length, JSON shape, dtype, byte length = numel x itemsize, offsets inside
+the data region and not overlapping.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import InvalidCheckpointError
+
+__all__ = ["DTYPE_SIZES", "TORCH_DTYPES", "TensorRef", "SafetensorsHeader", "read_header", "MAX_HEADER_BYTES"]
+
+DTYPE_SIZES: dict[str, int] = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "F16": torch.float16,
+    "BF16": torch.bfloat16, "I32": torch.int32, "F32": torch.float32, "I64": torch.int64, "F64": torch.float64,
+}
+MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor's bytes lie; `load` reads just those bytes."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in `file`
+    nbytes: int
+
+    def load(self) -> torch.Tensor:
+        """The tensor on CPU (reads just its bytes; for many reads use `TensorReader`)."""
+        from .reader import TensorReader
+
+        with TensorReader() as reader:
+            return reader.load(self)
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    file: Path
+    header_bytes: bytes  # the raw JSON, for fingerprints
+    metadata: dict[str, str]
+    tensors: dict[str, TensorRef]  # in data-offset order
+
+
+def _fail(file: Path, rule: str, tensor: str | None = None) -> InvalidCheckpointError:
+    return InvalidCheckpointError(rule, file=file, tensor=tensor)
+
+
+def read_header(file: Path) -> SafetensorsHeader:
+    """Parse and validate one safetensors file's header."""
+    try:
+        size = os.path.getsize(file)
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise _fail(file, f"safetensors file of {size} bytes is shorter than its 8-byte header length")
+            (length,) = struct.unpack("<Q", head)
+            if length > MAX_HEADER_BYTES:
+                raise _fail(file, f"header length {length} exceeds the {MAX_HEADER_BYTES}-byte limit")
+            if 8 + length > size:
+                raise _fail(file, f"header length {length} runs past the end of the {size}-byte file")
+            raw = f.read(length)
+    except OSError as exc:
+        raise _fail(file, f"cannot read: {exc.strerror or exc}") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _fail(file, f"header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise _fail(file, "header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _fail(file, "__metadata__ is not a map of strings")
+    data_start, data_size = 8 + length, size - 8 - length
+    spans: list[tuple[int, int, str]] = []
+    refs: dict[str, TensorRef] = {}
+    for name, info in header.items():
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise _fail(file, "entry needs exactly dtype, shape and data_offsets", name)
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in DTYPE_SIZES:
+            raise _fail(file, f"unknown dtype {dtype!r}", name)
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise _fail(file, f"shape {shape!r} is not a list of non-negative integers", name)
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(type(o) is int and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
+            raise _fail(file, f"data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end", name)
+        begin, end = offsets
+        expected = math.prod(shape) * DTYPE_SIZES[dtype]
+        if end - begin != expected:
+            raise _fail(file, f"{dtype} {shape} needs {expected} bytes but data_offsets span {end - begin}", name)
+        if end > data_size:
+            raise _fail(file, f"data_offsets end {end} is past the data region of {data_size} bytes", name)
+        spans.append((begin, end, name))
+        refs[name] = TensorRef(name, file, dtype, tuple(shape), data_start + begin, end - begin)
+    spans.sort()
+    for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise _fail(file, f"data of {n1} overlaps {n0} (bytes {b1} < {e0})", n1)
+    ordered = {name: refs[name] for _b, _e, name in spans}
+    return SafetensorsHeader(Path(file), bytes(raw), dict(metadata), ordered)

@@ -1,0 +1,241 @@
+"""Synthetic msModelSlim W4A8_DYNAMIC checkpoints, written the way the exporters write them.
+
+Used by the examples, the tests and the benchmark; also runnable:
+    python -m w4a8conv.synthetic OUT_DIR --version 1.0.0 --group-size 32 --shards 2
+
+Values are random but realistic: int4 weights in [-8, 7], positive fp32 scales that are not
+fp16-representable (so the fp16 rounding of fused scales matters), and, for version "1.0.0",
+`scale_bias` computed as msModelSlim computes it (bf16-cast scales for per-group).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .constants import DOWN_BIAS_CHUNKS, SOURCE_TYPE
+from .transforms.bias import msd_bias_chunks
+from .transforms.int4 import pack_int4_to_int8_pairs
+
+__all__ = ["SyntheticSpec", "write_checkpoint", "PRESETS"]
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """Shape and export format of a synthetic checkpoint."""
+
+    version: str | None = "1.0.0"   # None: the key is absent (legacy exporters), read as "0"
+    group_size: int | None = 32     # None: the key is absent (read as 256); 0: per-channel
+    hidden: int = 256
+    intermediate: int = 128         # per-expert moe_intermediate_size
+    dense_intermediate: int = 256
+    num_experts: int = 8
+    dense_layers: int = 1           # layers 0..dense_layers-1 have a dense MLP
+    moe_layers: int = 1
+    w8a8_moe_layers: int = 0        # extra MoE layers exported as W8A8_DYNAMIC (mixed recipes)
+    w4a8_linear: bool = False       # dense MLP and shared experts in W4A8 (else W8A8_DYNAMIC)
+    vocab: int = 256
+    shard_bytes: int | None = None  # None: one file; else start a new shard past this many bytes
+    index: bool | None = None       # default: an index when sharded
+    description_name: str = "quant_model_description.json"
+    weight_name: str = "quant_model_weights"
+    projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    model_dtype: str = "bfloat16"
+    model_type: str = "deepseek_v3"
+    seed: int = 0
+    extra_files: dict[str, str] = field(default_factory=lambda: {
+        "tokenizer_config.json": '{"model_max_length": 4096}\n', "generation_config.json": '{"do_sample": false}\n'})
+
+    @property
+    def effective_group_size(self) -> int:
+        return 256 if self.group_size is None else self.group_size
+
+
+def _int4(gen: torch.Generator, out: int, inp: int) -> torch.Tensor:
+    return torch.randint(-8, 8, (out, inp), generator=gen, dtype=torch.int8)
+
+
+def _scales(gen: torch.Generator, shape: tuple[int, ...], low: float, high: float) -> torch.Tensor:
+    return low + (high - low) * torch.rand(shape, generator=gen, dtype=torch.float32)
+
+
+def _w4a8(spec: SyntheticSpec, gen: torch.Generator, name: str, out: int, inp: int, row: bool) -> dict:
+    """One W4A8_DYNAMIC projection: weight, scales, zero offsets, and scale_bias for "1.0.0"."""
+    values = _int4(gen, out, inp)
+    group = spec.effective_group_size
+    tensors = {}
+    if spec.version == "1.0.0":
+        tensors[f"{name}.weight"] = pack_int4_to_int8_pairs(values, dim=0)
+    else:
+        tensors[f"{name}.weight"] = values
+    scale = _scales(gen, (out, 1), 2e-3, 2e-2)
+    tensors[f"{name}.weight_scale"] = scale
+    tensors[f"{name}.weight_offset"] = torch.zeros(out, 1)
+    second = None
+    if group:
+        second = _scales(gen, (out, inp // group), 0.25, 4.0)
+        tensors[f"{name}.weight_scale_second"] = second
+        tensors[f"{name}.weight_offset_second"] = torch.zeros(out, inp // group)
+    if spec.version == "1.0.0":
+        chunks = DOWN_BIAS_CHUNKS if row else 1
+        # msModelSlim computes the per-group bias from bf16-cast scales.
+        bf16 = lambda t: t.to(torch.bfloat16).to(torch.float32) if group else t  # noqa: E731
+        tensors[f"{name}.scale_bias"] = msd_bias_chunks(values, bf16(scale), None if second is None else bf16(second),
+                                                        chunks)
+    return tensors
+
+
+def _w8a8(gen: torch.Generator, name: str, out: int, inp: int) -> dict:
+    return {f"{name}.weight": torch.randint(-128, 128, (out, inp), generator=gen, dtype=torch.int8),
+            f"{name}.weight_scale": _scales(gen, (out, 1), 1e-3, 1e-2),
+            f"{name}.weight_offset": torch.zeros(out, 1)}
+
+
+def _float(gen: torch.Generator, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> dict:
+    return {name: (torch.randn(shape, generator=gen) * 0.02).to(dtype)}
+
+
+class _Sink:
+    """Collects (name, tensor, type) layer by layer and writes shards as they fill."""
+
+    def __init__(self, root: Path, spec: SyntheticSpec, shard_bytes: int):
+        self.root, self.spec, self.shard_bytes = root, spec, shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.description: dict[str, str] = {}
+        self.written: list[tuple[Path, list[str]]] = []
+
+    def add(self, tensors: dict[str, torch.Tensor], kind: str) -> None:
+        for name, tensor in tensors.items():
+            self.pending[name] = tensor.contiguous()
+            self.description[name] = kind
+        if sum(t.nbytes for t in self.pending.values()) >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            path = self.root / f".part{len(self.written)}.safetensors"
+            save_file(self.pending, str(path), metadata={"format": "pt"})
+            self.written.append((path, list(self.pending)))
+            self.pending = {}
+
+
+def _model_tensors(spec: SyntheticSpec, sink: _Sink, gen: torch.Generator) -> None:
+    dtype = getattr(torch, spec.model_dtype)
+    h = spec.hidden
+    sink.add(_float(gen, "model.embed_tokens.weight", (spec.vocab, h), dtype), "FLOAT")
+    gate, up, down = spec.projections
+    for layer in range(spec.dense_layers + spec.moe_layers + spec.w8a8_moe_layers):
+        p = f"model.layers.{layer}"
+        sink.add(_float(gen, f"{p}.input_layernorm.weight", (h,), dtype), "FLOAT")
+        sink.add(_float(gen, f"{p}.post_attention_layernorm.weight", (h,), dtype), "FLOAT")
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            sink.add(_w8a8(gen, f"{p}.self_attn.{proj}", h, h), "W8A8_DYNAMIC")
+        linear_kind = SOURCE_TYPE if spec.w4a8_linear else "W8A8_DYNAMIC"
+
+        def mlp(prefix: str, inter: int) -> None:
+            for proj, (out, inp) in (("gate_proj", (inter, h)), ("up_proj", (inter, h)), ("down_proj", (h, inter))):
+                name = f"{prefix}.{proj}"
+                tensors = (_w4a8(spec, gen, name, out, inp, proj == "down_proj") if spec.w4a8_linear
+                           else _w8a8(gen, name, out, inp))
+                sink.add(tensors, linear_kind)
+
+        if layer < spec.dense_layers:
+            mlp(f"{p}.mlp", spec.dense_intermediate)
+            continue
+        sink.add(_float(gen, f"{p}.mlp.gate.weight", (spec.num_experts, h), dtype), "FLOAT")
+        mlp(f"{p}.mlp.shared_experts", spec.intermediate)
+        w4a8 = layer < spec.dense_layers + spec.moe_layers
+        for e in range(spec.num_experts):
+            for proj, (out, inp) in ((gate, (spec.intermediate, h)), (up, (spec.intermediate, h)),
+                                     (down, (h, spec.intermediate))):
+                name = f"{p}.mlp.experts.{e}.{proj}"
+                if w4a8:
+                    sink.add(_w4a8(spec, gen, name, out, inp, proj == down), SOURCE_TYPE)
+                else:
+                    sink.add(_w8a8(gen, name, out, inp), "W8A8_DYNAMIC")
+    sink.add(_float(gen, "model.norm.weight", (h,), dtype), "FLOAT")
+    sink.add(_float(gen, "lm_head.weight", (spec.vocab, h), dtype), "FLOAT")
+
+
+def write_checkpoint(root: Path | str, spec: SyntheticSpec = SyntheticSpec()) -> Path:
+    """Write a synthetic checkpoint into `root` (created; must not exist or be empty)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(spec.seed)
+    sink = _Sink(root, spec, spec.shard_bytes or 2**62)
+    _model_tensors(spec, sink, gen)
+    sink.flush()
+    count = len(sink.written)
+    single = count == 1 and not spec.index
+    weight_map = {}
+    for i, (path, names) in enumerate(sink.written):
+        final = f"{spec.weight_name}.safetensors" if single else f"{spec.weight_name}-{i + 1:05d}-of-{count:05d}.safetensors"
+        os.replace(path, root / final)
+        os.chmod(root / final, 0o644)
+        weight_map.update({n: final for n in names})
+    if spec.index or (spec.index is None and count > 1):
+        (root / f"{spec.weight_name}.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": sum((root / f).stat().st_size for f in set(weight_map.values()))},
+             "weight_map": weight_map}, indent=2))
+    description: dict[str, object] = {"model_quant_type": SOURCE_TYPE}
+    if spec.version is not None:
+        description["version"] = spec.version
+    if spec.group_size is not None:
+        description["group_size"] = spec.group_size
+    description.update(sink.description)
+    (root / spec.description_name).write_text(json.dumps(description, indent=2))
+    config = {"model_type": spec.model_type, "hidden_size": spec.hidden, "moe_intermediate_size": spec.intermediate,
+              "intermediate_size": spec.dense_intermediate, "n_routed_experts": spec.num_experts,
+              "num_experts": spec.num_experts, "first_k_dense_replace": spec.dense_layers,
+              "num_hidden_layers": spec.dense_layers + spec.moe_layers + spec.w8a8_moe_layers,
+              "vocab_size": spec.vocab, "torch_dtype": spec.model_dtype}
+    (root / "config.json").write_text(json.dumps(config, indent=2))
+    for name, text in spec.extra_files.items():
+        (root / name).write_text(text)
+    return root
+
+
+_BASE = SyntheticSpec()
+PRESETS: dict[str, SyntheticSpec] = {
+    # legacy llm_ptq mindie_format: typed description name, one file, no version key
+    "moe-group-v0": replace(_BASE, version=None, description_name="quant_model_description_w8a8_dynamic.json",
+                            weight_name="quant_model_weight_w8a8_dynamic"),
+    # legacy ascendV1 saver: shards with an index
+    "moe-group-v1": replace(_BASE, shard_bytes=500_000),
+    # modelslim_v1 saver: per-channel, group_size 0 always written
+    "moe-channel-v1": replace(_BASE, group_size=0, shard_bytes=800_000),
+    "moe-channel-v0": replace(_BASE, version="0", group_size=0),
+    # group_size absent: vllm-ascend reads 256
+    "moe-group-v0-default-group": replace(_BASE, version=None, group_size=None, hidden=512, intermediate=256,
+                                          num_experts=4, description_name="quant_model_description_w4a8_dynamic.json"),
+    "linear-v0": replace(_BASE, version="0", w4a8_linear=True, model_dtype="float16"),
+    "linear-v1": replace(_BASE, w4a8_linear=True, shard_bytes=1_000_000),
+    "mixed-v1": replace(_BASE, w8a8_moe_layers=1, moe_layers=2, shard_bytes=1_500_000, projections=("w1", "w3", "w2"),
+                        model_type="mixtral"),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Write a synthetic msModelSlim W4A8_DYNAMIC checkpoint.")
+    parser.add_argument("output", type=Path)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="moe-group-v1")
+    parser.add_argument("--hidden", type=int)
+    parser.add_argument("--intermediate", type=int)
+    parser.add_argument("--experts", type=int)
+    parser.add_argument("--moe-layers", type=int)
+    parser.add_argument("--shard-bytes", type=int)
+    parser.add_argument("--seed", type=int)
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in {"hidden": args.hidden, "intermediate": args.intermediate,
+                                   "num_experts": args.experts, "moe_layers": args.moe_layers,
+                                   "shard_bytes": args.shard_bytes, "seed": args.seed}.items() if v is not None}
+    print(write_checkpoint(args.output, replace(PRESETS[args.preset], **overrides)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""MoE expert transforms, one table entry per checkpoint variant.
+
+Each `make` takes one expert projection's source tensors in source orientation ([out, in]) and
+returns that expert's slice of an output tensor in kernel orientation ([in, out]). Together they
+reproduce vllm-ascend 0.11.0 `AscendW4A8DynamicFusedMoEMethod.process_weights_after_loading`:
+transpose(1, 2), `process_scale`, `update_bias` and `pack_to_int32`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from ..constants import Variant
+from .bias import msd_bias_chunks
+from .int4 import int8_pairs_to_int32, pack_int4_to_int32, unpack_int8_pairs_to_int4
+from .scales import encode_fp32_bits_as_int64, fuse_group_scales_fp16
+
+__all__ = ["Parts", "Output", "MoeSpec", "MOE_SPECS"]
+
+Parts = Mapping[str, torch.Tensor]
+"""Source tensors of one projection keyed by suffix (weight, weight_scale, weight_scale_second, scale_bias)."""
+
+
+@dataclass(frozen=True)
+class Output:
+    """One output tensor's producer: the source suffixes it reads and the pure function."""
+
+    needs: tuple[str, ...]
+    make: Callable[[Parts, int], torch.Tensor]  # (parts, bias chunks) -> one expert's slice
+
+
+@dataclass(frozen=True)
+class MoeSpec:
+    packed_pairs: bool  # "1.0.0": two int4 per int8 byte along the output dimension
+    outputs: Mapping[str, Output]  # "weight" int32 [in, out/8], "weight_scale" int64 [in/G or 1, out],
+    #                                "scale_bias" fp32 [out, chunks]
+
+    @property
+    def per_group(self) -> bool:
+        return any("weight_scale_second" in o.needs for o in self.outputs.values())
+
+    @property
+    def bias_in_checkpoint(self) -> bool:
+        return "scale_bias" in self.outputs["scale_bias"].needs
+
+    def int4_values(self, weight: torch.Tensor) -> torch.Tensor:
+        """The projection's int4 values, int8 [out, in], whichever way the source stores them."""
+        return unpack_int8_pairs_to_int4(weight, dim=0) if self.packed_pairs else weight
+
+
+def _weight_from_values(parts: Parts, _chunks: int) -> torch.Tensor:
+    return pack_int4_to_int32(parts["weight"].t())
+
+
+def _weight_from_pairs(parts: Parts, _chunks: int) -> torch.Tensor:
+    return int8_pairs_to_int32(parts["weight"].t().contiguous())
+
+
+def _group_scale(parts: Parts, _chunks: int) -> torch.Tensor:
+    return encode_fp32_bits_as_int64(fuse_group_scales_fp16(parts["weight_scale"], parts["weight_scale_second"]))
+
+
+def _channel_scale(parts: Parts, _chunks: int) -> torch.Tensor:
+    return encode_fp32_bits_as_int64(parts["weight_scale"].to(torch.float32).reshape(1, -1))
+
+
+def _checkpoint_bias(parts: Parts, _chunks: int) -> torch.Tensor:
+    return parts["scale_bias"].to(torch.float32)
+
+
+def _group_bias(parts: Parts, chunks: int) -> torch.Tensor:
+    return msd_bias_chunks(parts["weight"], parts["weight_scale"], parts["weight_scale_second"], chunks)
+
+
+def _channel_bias(parts: Parts, chunks: int) -> torch.Tensor:
+    return msd_bias_chunks(parts["weight"], parts["weight_scale"], None, chunks)
+
+
+_VALUES = Output(("weight",), _weight_from_values)
+_PAIRS = Output(("weight",), _weight_from_pairs)
+_GROUP_SCALE = Output(("weight_scale", "weight_scale_second"), _group_scale)
+_CHANNEL_SCALE = Output(("weight_scale",), _channel_scale)
+_BIAS_FROM_CHECKPOINT = Output(("scale_bias",), _checkpoint_bias)
+
+MOE_SPECS: dict[Variant, MoeSpec] = {
+    Variant.MOE_GROUP_V0: MoeSpec(False, {
+        "weight": _VALUES, "weight_scale": _GROUP_SCALE,
+        "scale_bias": Output(("weight", "weight_scale", "weight_scale_second"), _group_bias)}),
+    Variant.MOE_GROUP_V1: MoeSpec(True, {
+        "weight": _PAIRS, "weight_scale": _GROUP_SCALE, "scale_bias": _BIAS_FROM_CHECKPOINT}),
+    # vllm-ascend 0.11 serves a per-channel "0" checkpoint with no bias at all; computing it makes
+    # the converted model right where the online path is not.
+    Variant.MOE_CHANNEL_V0: MoeSpec(False, {
+        "weight": _VALUES, "weight_scale": _CHANNEL_SCALE,
+        "scale_bias": Output(("weight", "weight_scale"), _channel_bias)}),
+    Variant.MOE_CHANNEL_V1: MoeSpec(True, {
+        "weight": _PAIRS, "weight_scale": _CHANNEL_SCALE, "scale_bias": _BIAS_FROM_CHECKPOINT}),
+}

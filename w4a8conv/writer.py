@@ -1,0 +1,148 @@
+"""Streaming safetensors shards: header first (every shape is known from the plan), then each
+tensor's pieces as they are produced, hashed on the way. A shard is written under a temporary name,
+fsynced and renamed; the index and the stamped description are written after every shard.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .constants import SHARD_NAME
+from .errors import WriteError
+from .plan import OutputTensor
+
+__all__ = ["ShardPlan", "WrittenShard", "assign_shards", "shard_header", "write_shard",
+           "write_json_atomic", "copy_file_atomic", "partial_name"]
+
+_ALIGN = 8  # safetensors pads the header so tensor data starts 8-byte aligned
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    file_name: str
+    tensors: tuple[OutputTensor, ...]
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class WrittenShard:
+    file_name: str
+    nbytes: int
+    sha256: str
+
+
+def assign_shards(tensors: Iterable[OutputTensor], max_shard_bytes: int) -> list[ShardPlan]:
+    """Greedy in output order: a shard closes before the tensor that would take it past the cap.
+
+    A tensor larger than the cap gets a shard of its own. Names depend only on the plan.
+    """
+    groups: list[list[OutputTensor]] = [[]]
+    size = 0
+    for tensor in tensors:
+        if groups[-1] and size + tensor.nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(tensor)
+        size += tensor.nbytes
+    count = len(groups)
+    return [ShardPlan(SHARD_NAME.format(index=i + 1, count=count), tuple(g)) for i, g in enumerate(groups)]
+
+
+def shard_header(tensors: Iterable[OutputTensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors header (length prefix included) for tensors stored back to back in order."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % _ALIGN)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def partial_name(file_name: str) -> str:
+    return f".{file_name}.partial"
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: memoryview | bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def write_shard(directory: Path, shard: ShardPlan, metadata: dict[str, str],
+                pieces: Callable[[OutputTensor], Iterable[memoryview]]) -> WrittenShard:
+    """Write one shard crash-safely; returns its size and sha256. On failure no shard file remains."""
+    final, temp = directory / shard.file_name, directory / partial_name(shard.file_name)
+    digest = hashlib.sha256()
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            head = shard_header(shard.tensors, metadata)
+            _write_all(fd, head)
+            digest.update(head)
+            total = len(head)
+            for tensor in shard.tensors:
+                written = 0
+                for piece in pieces(tensor):
+                    _write_all(fd, piece)
+                    digest.update(piece)
+                    written += len(piece)
+                if written != tensor.nbytes:
+                    raise AssertionError(f"{tensor.name}: produced {written} bytes, the plan says {tensor.nbytes}")
+                total += written
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, final)
+        _fsync_dir(directory)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        raise WriteError(f"{final}: cannot write: {exc.strerror or exc}") from None
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return WrittenShard(shard.file_name, total, "sha256:" + digest.hexdigest())
+
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    temp = path.with_name(partial_name(path.name))
+    try:
+        with open(temp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        raise WriteError(f"{path}: cannot write: {exc.strerror or exc}") from None
+
+
+def copy_file_atomic(source: Path, target: Path) -> None:
+    temp = target.with_name(partial_name(target.name))
+    try:
+        shutil.copyfile(source, temp)
+        with open(temp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(temp, target)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        raise WriteError(f"{target}: cannot copy from {source}: {exc.strerror or exc}") from None
