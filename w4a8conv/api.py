@@ -2,20 +2,25 @@
 from __future__ import annotations
 
 import os
+import re
+import resource
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
 from .constants import (CONVERTED_TYPE, DESCRIPTION_NAME, INDEX_NAME, LAYOUT_NAME, LAYOUT_VERSION, STAMP_KEY,
                         TARGET_VLLM_ASCEND, Variant)
-from .errors import OutputLocationError
+from .engine import JOURNAL_NAME, Journal, plan_fingerprint, run_shards
+from .errors import OutputLocationError, WriteError
 from .plan import CopyBytes, LinearModule, MoeLayer, Plan, make_plan
-from .produce import check_small_tensors, produce
+from .produce import check_small_tensors
+from .resources import ResourcePlan, estimate_resources
 from .source import TensorReader, open_source
 from .source.checkpoint import read_json
-from .writer import WrittenShard, assign_shards, copy_file_atomic, write_json_atomic, write_shard
+from .writer import WrittenShard, assign_shards, copy_file_atomic, write_json_atomic
 
 __all__ = ["ConvertOptions", "ConvertReport", "convert", "inspect", "build_stamp", "DEFAULT_MAX_SHARD_BYTES"]
 
@@ -31,11 +36,16 @@ _NOTES = {
 class ConvertOptions:
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
     model_dtype: str | None = None  # overrides config.json's torch_dtype
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    resume: bool = False  # finish an interrupted conversion into the same directory
+    force: bool = False   # replace a previous w4a8conv output in the directory
+    dry_run: bool = False  # validate and plan; write nothing
 
 
 @dataclass
 class ConvertReport:
     output: Path
+    resources: ResourcePlan
     shards: list[WrittenShard]
     tensors_written: int
     modules_converted: int
@@ -43,14 +53,18 @@ class ConvertReport:
     source_bytes: int
     output_bytes: int
     seconds: float
+    peak_rss_bytes: int
+    dry_run: bool = False
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
         return {
-            "output": str(self.output), "shards": len(self.shards), "tensors": self.tensors_written,
-            "modules_converted": self.modules_converted, "tensors_passed_through": self.tensors_passed_through,
-            "source_bytes": self.source_bytes, "output_bytes": self.output_bytes,
-            "seconds": round(self.seconds, 3), "notes": self.notes,
+            "output": str(self.output), "dry_run": self.dry_run, "shards": len(self.resources.shards),
+            "tensors": self.tensors_written, "modules_converted": self.modules_converted,
+            "tensors_passed_through": self.tensors_passed_through, "source_bytes": self.source_bytes,
+            "output_bytes": self.output_bytes, "seconds": round(self.seconds, 3),
+            "peak_rss_bytes": self.peak_rss_bytes, "workers": self.resources.workers,
+            "plan": self.resources.summary(), "notes": self.notes,
         }
 
 
@@ -63,7 +77,7 @@ def _module_record(module: MoeLayer | LinearModule) -> dict:
             "in_features": module.in_features, "group_size": module.group_size}
 
 
-def build_stamp(plan: Plan, shards: list[WrittenShard]) -> dict:
+def build_stamp(plan: Plan, shards: list[WrittenShard], source_fingerprint: str) -> dict:
     """The record the runtime checks before serving: layout, source variant, modules, shard hashes."""
     source = plan.source
     return {
@@ -75,29 +89,57 @@ def build_stamp(plan: Plan, shards: list[WrittenShard]) -> dict:
             "version": source.version.value,
             "group_size": source.group_size,
             "model_dtype": str(source.model_dtype).removeprefix("torch.") if source.model_dtype else None,
-            "fingerprint": source.fingerprint(),
+            "fingerprint": source_fingerprint,
         },
         "modules": {m.prefix: _module_record(m) for m in (*plan.moe_layers, *plan.linears)},
         "shards": {s.file_name: {"bytes": s.nbytes, "sha256": s.sha256} for s in shards},
     }
 
 
-def _check_output_location(source_root: Path, output: Path) -> None:
+_OWN_FILE = re.compile(r"^(model-\d{5}-of-\d{5}\.safetensors|\..+\.partial)$")
+
+
+def _prepare_output(source_root: Path, output: Path, copied: set[str], options: ConvertOptions) -> None:
+    """Refuse unsafe locations; with --force, clear a previous output's files (and nothing else)."""
     src, dst = os.path.realpath(source_root), os.path.realpath(output)
     if dst == src or os.path.commonpath([src, dst]) == src:
         raise OutputLocationError(f"{output}: the output directory must not be the source directory or inside it")
     if os.path.commonpath([src, dst]) == dst:
         raise OutputLocationError(f"{output}: the output directory must not contain the source directory")
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise OutputLocationError(f"{output}: exists and is not an empty directory")
+    if output.exists() and not output.is_dir():
+        raise OutputLocationError(f"{output}: exists and is not a directory")
+    entries = sorted(output.iterdir()) if output.exists() else []
+    if not entries or options.resume:
+        return
+    if not options.force:
+        raise OutputLocationError(f"{output}: exists and is not empty (use --resume to finish an interrupted "
+                                  "conversion, or --force to replace a previous one)")
+    ours = {INDEX_NAME, DESCRIPTION_NAME, JOURNAL_NAME, *copied}
+    foreign = [p.name for p in entries if p.name not in ours and not _OWN_FILE.match(p.name)]
+    if foreign:
+        raise OutputLocationError(f"{output}: --force replaces only a previous w4a8conv output, and "
+                                  f"{', '.join(foreign[:5])} is not part of one")
+    if not options.dry_run:
+        for entry in entries:
+            entry.unlink()
 
 
-def convert(source: Path | str, output: Path | str, *, options: ConvertOptions | None = None) -> ConvertReport:
+def _peak_rss_bytes() -> int:
+    """Largest resident set of this process or any finished worker (Linux reports KiB)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, children) * 1024
+
+
+def convert(source: Path | str, output: Path | str, *, options: ConvertOptions | None = None,
+            on_progress: Callable[[int, int], None] | None = None) -> ConvertReport:
     """Convert an msModelSlim W4A8_DYNAMIC checkpoint into NPU-ready shards.
 
-    The whole source is validated (structure from headers, scales and offsets from data) before the
-    first byte is written; version "0" weights are range-checked as they are packed. The stamped
-    description is written last, so a directory without it is visibly incomplete.
+    The whole source is validated (structure from headers; scales, offsets and biases from data)
+    before the first byte is written; version "0" weights are range-checked as they are packed.
+    Shards are written under temporary names and renamed when complete; the index, then the stamped
+    description, come last, so a directory without the description is visibly incomplete.
+    `on_progress(new_bytes, total_bytes)` is called as output tensor bytes are written.
 
     Example:
         >>> convert("qwen3-w4a8", "qwen3-npu").tensors_written  # doctest: +SKIP
@@ -106,34 +148,55 @@ def convert(source: Path | str, output: Path | str, *, options: ConvertOptions |
     started = time.monotonic()
     source_root, output = Path(source), Path(output)
     src = open_source(source_root, model_dtype=options.model_dtype)
-    _check_output_location(source_root, output)
     plan = make_plan(src)
+    copied = src.non_weight_files()
+    _prepare_output(source_root, output, {p.name for p in copied}, options)
     shards = assign_shards(plan.tensors, options.max_shard_bytes)
+    resources = estimate_resources(plan, shards, output, options.workers)
+    variants = Counter(m.variant for m in (*plan.moe_layers, *plan.linears))
+
+    def report(written: list[WrittenShard]) -> ConvertReport:
+        return ConvertReport(
+            output=output, resources=resources, shards=written, tensors_written=len(plan.tensors),
+            modules_converted=len(plan.moe_layers) + len(plan.linears),
+            tensors_passed_through=len(plan.passthrough), source_bytes=resources.read_bytes,
+            output_bytes=sum(s.nbytes for s in written) if written else resources.write_bytes,
+            seconds=time.monotonic() - started, peak_rss_bytes=_peak_rss_bytes(), dry_run=options.dry_run,
+            notes=[_NOTES[v] for v in variants if v in _NOTES])
+
     with TensorReader() as reader:
         check_small_tensors(plan, reader)
-        try:
-            output.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputLocationError(f"{output}: cannot create: {exc.strerror or exc}") from None
-        metadata = {"format": "pt", STAMP_KEY: f"{LAYOUT_NAME}/{LAYOUT_VERSION}"}
-        written = [write_shard(output, shard, metadata, lambda t: produce(t, reader, src.tensors))
-                   for shard in shards]
-    for extra in src.non_weight_files():
+    if options.dry_run:
+        return report([])
+    if resources.disk_free_bytes is not None and resources.disk_free_bytes < resources.write_bytes:
+        raise WriteError(f"{output}: needs {resources.write_bytes} bytes, the file system has "
+                         f"{resources.disk_free_bytes} free")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputLocationError(f"{output}: cannot create: {exc.strerror or exc}") from None
+    metadata = {"format": "pt", STAMP_KEY: f"{LAYOUT_NAME}/{LAYOUT_VERSION}"}
+    fingerprint = src.fingerprint()
+    plan_fp = plan_fingerprint(shards, metadata)
+    if options.resume:
+        journal = Journal.resume(output, fingerprint, plan_fp)
+        for stale in output.glob(".*.partial"):
+            stale.unlink()
+    else:
+        journal = Journal.start(output, fingerprint, plan_fp)
+    total = resources.write_bytes
+    written = run_shards(output, shards, metadata, src.tensors, journal, options.workers,
+                         (lambda n: on_progress(n, total)) if on_progress else (lambda _n: None))
+    for extra in copied:
         copy_file_atomic(extra, output / extra.name)
     weight_map = {t.name: shard.file_name for shard in shards for t in shard.tensors}
-    write_json_atomic(output / INDEX_NAME, {"metadata": {"total_size": sum(s.data_bytes for s in shards)},
+    write_json_atomic(output / INDEX_NAME, {"metadata": {"total_size": resources.write_bytes},
                                             "weight_map": weight_map})
     description = plan.output_description()
-    description[STAMP_KEY] = build_stamp(plan, written)
+    description[STAMP_KEY] = build_stamp(plan, written, fingerprint)
     write_json_atomic(output / DESCRIPTION_NAME, description)
-    variants = Counter(m.variant for m in (*plan.moe_layers, *plan.linears))
-    return ConvertReport(
-        output=output, shards=written, tensors_written=len(plan.tensors),
-        modules_converted=len(plan.moe_layers) + len(plan.linears),
-        tensors_passed_through=len(plan.passthrough),
-        source_bytes=sum(r.nbytes for r in src.tensors.values()),
-        output_bytes=sum(s.nbytes for s in written), seconds=time.monotonic() - started,
-        notes=[_NOTES[v] for v in variants if v in _NOTES])
+    journal.path.unlink()
+    return report(written)
 
 
 def _is_converted(path: Path) -> bool:
@@ -144,9 +207,13 @@ def _is_converted(path: Path) -> bool:
     return isinstance(parsed, dict) and STAMP_KEY in parsed
 
 
-def _inspect_source(path: Path, model_dtype: str | None) -> dict:
+def _inspect_source(path: Path, model_dtype: str | None, plan_for: tuple[int, int] | None) -> dict:
     src = open_source(path, model_dtype=model_dtype)
     plan = make_plan(src)
+    resources = None
+    if plan_for:
+        max_shard_bytes, workers = plan_for
+        resources = estimate_resources(plan, assign_shards(plan.tensors, max_shard_bytes), path, workers).summary()
     consumed_bytes = sum(src.tensors[n].nbytes for n in plan.consumed)
     variants = Counter(m.variant.value for m in (*plan.moe_layers, *plan.linears))
     return {
@@ -173,6 +240,7 @@ def _inspect_source(path: Path, model_dtype: str | None) -> dict:
         "converted_output_bytes": sum(t.nbytes for t in plan.tensors if not isinstance(t.recipe, CopyBytes)),
         "output_bytes": sum(t.nbytes for t in plan.tensors),
         "notes": [_NOTES[Variant(v)] for v in variants if Variant(v) in _NOTES],
+        "plan": resources,
     }
 
 
@@ -203,7 +271,9 @@ def _inspect_converted(path: Path) -> dict:
     }
 
 
-def inspect(path: Path | str, *, model_dtype: str | None = None) -> dict:
-    """Describe a source checkpoint (after validating its structure) or a converted directory."""
+def inspect(path: Path | str, *, model_dtype: str | None = None, plan_for: tuple[int, int] | None = None) -> dict:
+    """Describe a source checkpoint (after validating its structure) or a converted directory.
+
+    `plan_for=(max_shard_bytes, workers)` adds the conversion plan (shards, bytes, memory, disk)."""
     path = Path(path)
-    return _inspect_converted(path) if _is_converted(path) else _inspect_source(path, model_dtype)
+    return _inspect_converted(path) if _is_converted(path) else _inspect_source(path, model_dtype, plan_for)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -49,41 +50,113 @@ def _human(n: int) -> str:
     raise AssertionError
 
 
+class _Progress:
+    """Output bytes written: a rich bar on a terminal, a plain line per 10 % otherwise (stderr)."""
+
+    def __init__(self, enabled: bool):
+        self.done, self.enabled, self.next_line = 0, enabled, 10
+        self.bar = self.task = None
+        if enabled and err.is_terminal:
+            from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+            self.bar = Progress("converting", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                                TimeRemainingColumn(), console=err, transient=True)
+
+    def __enter__(self) -> "_Progress":
+        if self.bar:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar:
+            self.bar.stop()
+
+    def __call__(self, nbytes: int, total: int) -> None:
+        self.done += nbytes
+        if self.bar:
+            if self.task is None:
+                self.task = self.bar.add_task("convert", total=total)
+            self.bar.update(self.task, completed=self.done)
+        elif self.enabled and total and self.done * 100 >= self.next_line * total:
+            err.print(f"progress: {self.done * 100 // total}% ({_human(self.done)} of {_human(total)})")
+            self.next_line = self.done * 100 // total // 10 * 10 + 10
+
+
+def _plan_rows(plan: dict) -> list[tuple[str, str]]:
+    free = plan["disk_free_bytes"]
+    return [
+        ("shards", f"{len(plan['shards'])}: " + ", ".join(f"{s['file']} ({_human(s['bytes'])}, {s['tensors']} tensors)"
+                                                    for s in plan["shards"][:3])
+         + (", ..." if len(plan["shards"]) > 3 else "")),
+        ("read", _human(plan["read_bytes"])),
+        ("write", _human(plan["write_bytes"]) + (f" (disk free: {_human(free)})" if free is not None else "")),
+        ("memory", f"~{_human(plan['peak_worker_bytes'])} per worker x {plan['workers']} = "
+                   f"~{_human(plan['peak_total_bytes'])} peak (estimate)"),
+    ]
+
+
+def _print_rows(rows: list[tuple[str, str]]) -> None:
+    table = Table(show_header=False, box=None, pad_edge=False)
+    for key, value in rows:
+        table.add_row(key, value)
+    out.print(table)
+
+
 @app.command()
 def convert(
     source: SrcArg,
     output: Annotated[Path, typer.Argument(help="New or empty output directory.")],
     max_shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 4GB or 500MiB.")] = "4GB",
+    workers: Annotated[int, typer.Option(min=1, help="Shards converted in parallel processes "
+                                                     "(default: CPU cores).")] = os.cpu_count() or 1,
+    resume: Annotated[bool, typer.Option("--resume", help="Finish an interrupted conversion in OUTPUT.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a previous w4a8conv output in OUTPUT.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the plan; write nothing.")] = False,
     model_dtype: DtypeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write an NPU-ready checkpoint: packed int4 weights, int64 scales, MSD biases."""
     from .api import ConvertOptions, convert as run
 
-    report = run(source, output, options=ConvertOptions(max_shard_bytes=_parse_size(max_shard_size),
-                                                         model_dtype=model_dtype))
+    if resume and force:
+        raise typer.BadParameter("--resume and --force exclude each other")
+    options = ConvertOptions(max_shard_bytes=_parse_size(max_shard_size), model_dtype=model_dtype, workers=workers,
+                             resume=resume, force=force, dry_run=dry_run)
+    with _Progress(enabled=not as_json) as progress:
+        report = run(source, output, options=options, on_progress=progress)
     summary = report.summary()
     if as_json:
         out.print_json(json.dumps(summary))
         return
-    out.print(f"converted {summary['modules_converted']} W4A8 modules, passed {summary['tensors_passed_through']} "
-              f"tensors through: {summary['tensors']} tensors in {summary['shards']} shard(s), "
-              f"{_human(summary['source_bytes'])} -> {_human(summary['output_bytes'])} "
-              f"in {summary['seconds']:.1f} s -> {summary['output']}")
+    if dry_run:
+        out.print(f"plan for {output} (dry run, nothing written):")
+        _print_rows(_plan_rows(summary["plan"]))
+    else:
+        out.print(f"converted {summary['modules_converted']} W4A8 modules, passed {summary['tensors_passed_through']} "
+                  f"tensors through: {summary['tensors']} tensors in {summary['shards']} shard(s), "
+                  f"{_human(summary['source_bytes'])} -> {_human(summary['output_bytes'])} in "
+                  f"{summary['seconds']:.1f} s with {summary['workers']} worker(s), "
+                  f"peak RSS {_human(summary['peak_rss_bytes'])} -> {summary['output']}")
     for note in summary["notes"]:
         out.print(f"note: {note}")
 
 
 @app.command()
-def inspect(path: SrcArg, model_dtype: DtypeOpt = None, as_json: JsonOpt = False) -> None:
+def inspect(
+    path: SrcArg,
+    plan: Annotated[bool, typer.Option("--plan", help="Also print the conversion plan of a source.")] = False,
+    max_shard_size: Annotated[str, typer.Option(help="Shard size the plan assumes.")] = "4GB",
+    workers: Annotated[int, typer.Option(min=1, help="Workers the plan assumes.")] = os.cpu_count() or 1,
+    model_dtype: DtypeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Describe a source checkpoint (validating it) or a converted directory."""
     from .api import inspect as run
 
-    info = run(path, model_dtype=model_dtype)
+    info = run(path, model_dtype=model_dtype, plan_for=(_parse_size(max_shard_size), workers) if plan else None)
     if as_json:
         out.print_json(json.dumps(info))
         return
-    table = Table(show_header=False, box=None, pad_edge=False)
     rows = [("path", info["path"]), ("kind", info["kind"])]
     if info["kind"] == "converted":
         source = info["source"]
@@ -118,9 +191,35 @@ def inspect(path: SrcArg, model_dtype: DtypeOpt = None, as_json: JsonOpt = False
         rows += [("tensors", f"{info['tensors']} ({info['tensors_converted']} converted) in {info['files']} shard(s)"),
                  ("size", _human(info["output_bytes"]))]
     rows += [("note", note) for note in info["notes"]]
-    for key, value in rows:
-        table.add_row(key, value)
-    out.print(table)
+    if info.get("plan"):
+        rows += _plan_rows(info["plan"])
+    _print_rows(rows)
+
+
+@app.command()
+def verify(
+    path: Annotated[Path, typer.Argument(help="Converted directory.")],
+    source: Annotated[Optional[Path], typer.Option(help="Also compare decoded tensors with this source.")] = None,
+    sample: Annotated[int, typer.Option(min=1, help="Experts per MoE layer compared with --source.")] = 2,
+    all_tensors: Annotated[bool, typer.Option("--all", help="Compare every expert and tensor.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check shards, hashes, index and stamp (and, with --source, the values); exit 5 on any problem."""
+    from .verify import verify as run
+
+    report = run(path, source=source, sample=None if all_tensors else sample)
+    summary = report.summary()
+    if as_json:
+        out.print_json(json.dumps(summary))
+    else:
+        worst = ", ".join(f"{k} {v:.3g}" for k, v in summary["worst_relative_error"].items())
+        out.print(f"{'ok' if report.ok else 'FAILED'}: {summary['shards_checked']} shard(s), "
+                  f"{_human(summary['bytes_hashed'])} hashed, {summary['tensors_compared']} tensors compared"
+                  + (f"; worst relative error: {worst}" if worst else ""))
+    for problem in report.problems:
+        err.print(f"problem: {problem}", markup=False, soft_wrap=True)
+    if not report.ok:
+        raise typer.Exit(int(ExitCode.VERIFY_FAILED))
 
 
 @app.command()
@@ -138,6 +237,8 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         err.print("aborted")
         sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
     except Exception as exc:  # click usage errors
         import click
 

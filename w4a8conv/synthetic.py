@@ -174,7 +174,8 @@ def write_checkpoint(root: Path | str, spec: SyntheticSpec = SyntheticSpec()) ->
     single = count == 1 and not spec.index
     weight_map = {}
     for i, (path, names) in enumerate(sink.written):
-        final = f"{spec.weight_name}.safetensors" if single else f"{spec.weight_name}-{i + 1:05d}-of-{count:05d}.safetensors"
+        suffix = "" if single else f"-{i + 1:05d}-of-{count:05d}"
+        final = f"{spec.weight_name}{suffix}.safetensors"
         os.replace(path, root / final)
         os.chmod(root / final, 0o644)
         weight_map.update({n: final for n in names})

@@ -99,6 +99,11 @@ class NpuReadyCheckpoint:
     def tensor_names(self) -> list[str]:
         return list(self._weight_map)
 
+    @property
+    def weight_map(self) -> dict[str, str]:
+        """Tensor name -> shard file name, from the index."""
+        return dict(self._weight_map)
+
     def type_of(self, name: str) -> str | None:
         return self.description.get(name)
 

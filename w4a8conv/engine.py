@@ -1,0 +1,166 @@
+"""Runs a plan's shards: in this process or in worker processes, with a journal for resume.
+
+Every shard's bytes depend on the plan alone, so the output is identical for any worker count and
+for a run that was interrupted and resumed. The journal records each finished shard's size and
+sha256 as soon as its rename is durable; `--resume` re-hashes those files and skips the ones that
+still match.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import OutputLocationError
+from .produce import produce
+from .source.reader import TensorReader
+from .source.safetensors_file import TensorRef
+from .writer import ShardPlan, WrittenShard, write_json_atomic, write_shard
+
+__all__ = ["JOURNAL_NAME", "Journal", "run_shards", "sha256_file", "plan_fingerprint"]
+
+JOURNAL_NAME = ".w4a8conv-journal.json"
+_HASH_BLOCK = 16 * 2**20
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while block := f.read(_HASH_BLOCK):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def plan_fingerprint(shards: list[ShardPlan], metadata: Mapping[str, str]) -> str:
+    """sha256 over what decides the output bytes: shard names, tensor names, dtypes, shapes, recipes."""
+    digest = hashlib.sha256(json.dumps(dict(metadata), sort_keys=True).encode())
+    for shard in shards:
+        digest.update(f"\0{shard.file_name}".encode())
+        for t in shard.tensors:
+            digest.update(f"\0{t.name}:{t.dtype}:{list(t.shape)}:{type(t.recipe).__name__}".encode())
+    return "sha256:" + digest.hexdigest()
+
+
+@dataclass
+class Journal:
+    """What a run has finished, keyed to the source and the plan it was made for."""
+
+    path: Path
+    source_fingerprint: str
+    plan_fingerprint: str
+    done: dict[str, dict]
+
+    @classmethod
+    def start(cls, output: Path, source_fingerprint: str, plan_fp: str) -> "Journal":
+        journal = cls(output / JOURNAL_NAME, source_fingerprint, plan_fp, {})
+        journal.save()
+        return journal
+
+    @classmethod
+    def resume(cls, output: Path, source_fingerprint: str, plan_fp: str) -> "Journal":
+        path = output / JOURNAL_NAME
+        try:
+            raw = json.loads(path.read_text())
+            journal = cls(path, raw["source_fingerprint"], raw["plan_fingerprint"], dict(raw["shards"]))
+        except FileNotFoundError:
+            raise OutputLocationError(f"{output}: nothing to resume (no {JOURNAL_NAME}); "
+                                      "start a new conversion") from None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise OutputLocationError(f"{path}: unreadable journal ({exc}); use --force to start over") from None
+        if journal.source_fingerprint != source_fingerprint:
+            raise OutputLocationError(f"{output}: the source changed since the interrupted run "
+                                      "(fingerprint mismatch); use --force to start over")
+        if journal.plan_fingerprint != plan_fp:
+            raise OutputLocationError(f"{output}: the interrupted run used other options (shard size or "
+                                      "model dtype); resume with the same options or use --force")
+        return journal
+
+    def save(self) -> None:
+        write_json_atomic(self.path, {"source_fingerprint": self.source_fingerprint,
+                                      "plan_fingerprint": self.plan_fingerprint, "shards": self.done})
+
+    def record(self, shard: WrittenShard) -> None:
+        self.done[shard.file_name] = {"bytes": shard.nbytes, "sha256": shard.sha256}
+        self.save()
+
+    def still_valid(self, output: Path, name: str) -> WrittenShard | None:
+        """The journaled shard, if its file is still there with the recorded size and hash."""
+        entry, path = self.done.get(name), output / name
+        if entry is None or not path.is_file() or path.stat().st_size != entry["bytes"]:
+            return None
+        if sha256_file(path) != entry["sha256"]:
+            return None
+        return WrittenShard(name, entry["bytes"], entry["sha256"])
+
+
+# Worker-process state, set once by the pool initializer.
+_WORKER: dict = {}
+
+
+def _init_worker(tensors: Mapping[str, TensorRef], progress) -> None:
+    torch.set_num_threads(1)  # one shard per core; intra-op threads would oversubscribe
+    _WORKER.update(tensors=tensors, progress=progress, reader=TensorReader())
+
+
+def _worker_shard(output: Path, shard: ShardPlan, metadata: dict[str, str]) -> WrittenShard:
+    return _write(output, shard, metadata, _WORKER["reader"], _WORKER["tensors"], _WORKER["progress"].put)
+
+
+def _write(output: Path, shard: ShardPlan, metadata: dict[str, str], reader: TensorReader,
+           tensors: Mapping[str, TensorRef], report: Callable[[int], None]) -> WrittenShard:
+    def pieces(tensor):
+        for piece in produce(tensor, reader, tensors):
+            yield piece
+            report(len(piece))
+    return write_shard(output, shard, metadata, pieces)
+
+
+def run_shards(output: Path, shards: list[ShardPlan], metadata: dict[str, str], tensors: Mapping[str, TensorRef],
+               journal: Journal, workers: int, on_bytes: Callable[[int], None]) -> list[WrittenShard]:
+    """Write every shard the journal does not already hold; returns all shards in plan order."""
+    done = {s.file_name: w for s in shards if (w := journal.still_valid(output, s.file_name))}
+    for name in done:
+        on_bytes(next(s.data_bytes for s in shards if s.file_name == name))
+    todo = [s for s in shards if s.file_name not in done]
+    if workers <= 1 or len(todo) <= 1:
+        with TensorReader() as reader:
+            for shard in todo:
+                written = _write(output, shard, metadata, reader, tensors, on_bytes)
+                journal.record(written)
+                done[written.file_name] = written
+    else:
+        context = multiprocessing.get_context("spawn")
+        progress = context.Queue()
+        drain = threading.Thread(target=_drain, args=(progress, on_bytes), daemon=True)
+        drain.start()
+        try:
+            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=context, initializer=_init_worker,
+                                     initargs=(tensors, progress)) as pool:
+                pending = {pool.submit(_worker_shard, output, shard, metadata) for shard in todo}
+                try:
+                    while pending:
+                        finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                        for future in finished:
+                            written = future.result()  # re-raises the worker's error
+                            journal.record(written)
+                            done[written.file_name] = written
+                except BaseException:
+                    for future in pending:
+                        future.cancel()
+                    raise
+        finally:
+            progress.put(None)
+            drain.join()
+    return [done[s.file_name] for s in shards]
+
+
+def _drain(queue, on_bytes: Callable[[int], None]) -> None:
+    while (n := queue.get()) is not None:
+        on_bytes(n)

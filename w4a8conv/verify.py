@@ -1,0 +1,246 @@
+"""`verify`: is a converted directory complete and intact, and (with the source) faithful to it?
+
+Integrity needs no tensor in memory: every shard is hashed in 16 MiB blocks and its header is
+checked against its size, the index and the stamp. Fidelity (`source=`) decodes a sample of the
+converted tensors (unpack int4, decode int64 scales) and compares them with the source's values.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .constants import DESCRIPTION_NAME, DOWN_BIAS_CHUNKS, INDEX_NAME
+from .engine import sha256_file
+from .errors import InvalidCheckpointError, W4A8Error
+from .plan import CopyBytes, make_plan
+from .runtime import NpuReadyCheckpoint
+from .source import TensorReader, open_source
+from .source.safetensors_file import TORCH_DTYPES, TensorRef, read_header
+from .transforms import LINEAR_SPECS, MOE_SPECS
+from .transforms.int4 import unpack_int32_to_int4
+from .transforms.scales import decode_int64_to_fp32, high_words_are_zero, round_to_dtype
+
+__all__ = ["VerifyReport", "verify"]
+
+BIAS_RELATIVE_TOLERANCE = 1e-5  # of max|bias|: an fp32 sum in another order
+
+
+@dataclass
+class VerifyReport:
+    path: Path
+    problems: list[str] = field(default_factory=list)
+    shards_checked: int = 0
+    bytes_hashed: int = 0
+    tensors_compared: int = 0
+    worst: dict[str, float] = field(default_factory=dict)  # kind -> worst relative error seen
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def note_error(self, kind: str, value: float) -> None:
+        self.worst[kind] = max(self.worst.get(kind, 0.0), value)
+
+    def summary(self) -> dict:
+        return {"path": str(self.path), "ok": self.ok, "problems": self.problems,
+                "shards_checked": self.shards_checked, "bytes_hashed": self.bytes_hashed,
+                "tensors_compared": self.tensors_compared, "worst_relative_error": self.worst}
+
+
+def _check_integrity(ckpt: NpuReadyCheckpoint, report: VerifyReport) -> dict[str, TensorRef]:
+    """Shards present, sized, hashed and consistent with the index; returns stored tensors by name."""
+    stored: dict[str, TensorRef] = {}
+    for name, entry in sorted(ckpt.stamp["shards"].items()):
+        path = ckpt.root / name
+        if not path.is_file():
+            report.problems.append(f"{path}: shard is missing")
+            continue
+        size = path.stat().st_size
+        if size != entry.get("bytes"):
+            report.problems.append(f"{path}: {size} bytes, the stamp records {entry.get('bytes')}")
+            continue
+        try:
+            header = read_header(path)
+        except InvalidCheckpointError as exc:
+            report.problems.append(str(exc))
+            continue
+        end = max((r.offset + r.nbytes for r in header.tensors.values()), default=0)
+        if header.tensors and end != size:
+            report.problems.append(f"{path}: tensor data ends at byte {end} of {size}")
+        digest = sha256_file(path)
+        report.bytes_hashed += size
+        report.shards_checked += 1
+        if digest != entry.get("sha256"):
+            report.problems.append(f"{path}: sha256 {digest} differs from the stamp's {entry.get('sha256')}")
+        stored.update(header.tensors)
+    weight_map = ckpt.weight_map
+    for tensor, file_name in weight_map.items():
+        ref = stored.get(tensor)
+        if ref is not None and ref.file.name != file_name:
+            report.problems.append(f"{ckpt.root / INDEX_NAME}: {tensor}: indexed in {file_name} but stored in "
+                                   f"{ref.file.name}")
+        elif ref is None and (ckpt.root / file_name).is_file() and file_name in ckpt.stamp["shards"]:
+            report.problems.append(f"{ckpt.root / INDEX_NAME}: {tensor}: indexed in {file_name}, which does not "
+                                   "hold it")
+    for tensor, ref in stored.items():
+        if tensor not in weight_map:
+            report.problems.append(f"{ckpt.root / INDEX_NAME}: {tensor}: stored in {ref.file.name} but not indexed")
+        if tensor not in ckpt.description:
+            report.problems.append(f"{ckpt.root / DESCRIPTION_NAME}: {tensor}: has no quantization type")
+    for extra in sorted(set(p.name for p in ckpt.root.glob("*.safetensors")) - set(ckpt.stamp["shards"])):
+        report.problems.append(f"{ckpt.root / extra}: shard not recorded in the stamp")
+    return stored
+
+
+def _load_expert(reader: TensorReader, ref: TensorRef, expert: int, experts: int) -> torch.Tensor:
+    """One expert's slice of a stacked [E, ...] stored tensor, read alone."""
+    piece = ref.nbytes // experts
+    shape = ref.shape[1:]
+    buf = bytearray(piece)
+    reader.read_into(ref, memoryview(buf), expert * piece)
+    return torch.frombuffer(buf, dtype=TORCH_DTYPES[ref.dtype]).reshape(shape) if piece else torch.empty(shape)
+
+
+def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    diff = float((actual.double() - expected.double()).abs().max()) if expected.numel() else 0.0
+    return diff / scale if scale else diff
+
+
+def _expected_bias(values: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor | None, chunks: int) -> torch.Tensor:
+    """float64 reference of 8·Σ_k W·s2·s1 over `chunks` slices of the input dimension: [out, chunks]."""
+    w = values.double()
+    n, k = w.shape
+    if s2 is not None:
+        w = (w.reshape(n, s2.shape[1], -1) * s2.double().reshape(n, s2.shape[1], 1)).reshape(n, k)
+    return 8 * (w * s1.double().reshape(n, 1)).reshape(n, chunks, k // chunks).sum(dim=2)
+
+
+class _Fidelity:
+    def __init__(self, report: VerifyReport, reader: TensorReader, source_reader: TensorReader,
+                 source_tensors: dict[str, TensorRef], stored: dict[str, TensorRef]):
+        self.report, self.reader, self.source_reader = report, reader, source_reader
+        self.source, self.stored = source_tensors, stored
+
+    def src(self, name: str) -> torch.Tensor:
+        return self.source_reader.load(self.source[name])
+
+    def fail(self, tensor: str, rule: str) -> None:
+        self.report.problems.append(f"{tensor}: {rule}")
+
+    def projection(self, name: str, values: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor | None,
+                   packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, checkpoint_bias: torch.Tensor | None,
+                   chunks: int) -> None:
+        """Compare one decoded projection (kernel orientation) with its source values."""
+        self.report.tensors_compared += 1
+        unpacked = unpack_int32_to_int4(packed)
+        if not torch.equal(unpacked, values.t()):
+            diff = torch.nonzero(unpacked != values.t())[0].tolist()
+            self.fail(name, f"unpacked int4 differ from the source at [in, out] = {diff}")
+        if not high_words_are_zero(scale):
+            self.fail(name, "an int64 scale has a non-zero high word")
+        decoded = decode_int64_to_fp32(scale)
+        exact = (s1.float().reshape(1, -1) * s2.float().t() if s2 is not None else s1.float().reshape(1, -1))
+        expected = exact.half().float() if s2 is not None else exact
+        if not torch.equal(decoded, expected):
+            self.fail(name, "decoded scales differ from the source's " +
+                      ("fp16-rounded scale x scale_second" if s2 is not None else "weight_scale"))
+        self.report.note_error("scale", _relative(decoded, exact))
+        reference = checkpoint_bias.double() if checkpoint_bias is not None else _expected_bias(values, s1, s2, chunks)
+        error = _relative(bias.reshape(reference.shape), reference)
+        self.report.note_error("bias", error)
+        if error > BIAS_RELATIVE_TOLERANCE or (checkpoint_bias is not None and error != 0):
+            self.fail(name, f"scale_bias differs from the source's by {error:.3g} of its maximum")
+
+
+def _sample_experts(count: int, sample: int | None, rng: random.Random) -> list[int]:
+    """All experts, or `sample` of them: the first and the last, then seeded random ones."""
+    if sample is None or sample >= count:
+        return list(range(count))
+    chosen = {0, count - 1} if sample >= 2 else {0}
+    chosen |= set(rng.sample(range(1, count - 1), max(0, sample - len(chosen))))
+    return sorted(chosen)
+
+
+def _check_fidelity(ckpt: NpuReadyCheckpoint, source_dir: Path, stored: dict[str, TensorRef],
+                    report: VerifyReport, sample: int | None, seed: int) -> None:
+    src = open_source(source_dir, model_dtype=ckpt.stamp["source"].get("model_dtype"))
+    if src.fingerprint() != ckpt.stamp["source"]["fingerprint"]:
+        report.problems.append(f"{source_dir}: is not the checkpoint this output was converted from "
+                               "(source fingerprint differs from the stamp's)")
+        return
+    plan = make_plan(src)
+    rng = random.Random(seed)
+    with TensorReader() as reader, TensorReader() as source_reader:
+        check = _Fidelity(report, reader, source_reader, src.tensors, stored)
+        for layer in plan.moe_layers:
+            spec = MOE_SPECS[layer.variant]
+            experts = _sample_experts(layer.num_experts, sample, rng)
+            for proj in layer.projections:
+                is_down = proj == layer.projections[2]
+                outs = {o: stored.get(layer.output_name(proj, o)) for o in ("weight", "weight_scale", "scale_bias")}
+                if None in outs.values():
+                    report.problems.append(f"{layer.prefix}.experts.{proj}: converted tensors missing")
+                    continue
+                for e in experts:
+                    get = lambda s: check.src(layer.source_name(e, proj, s))  # noqa: E731
+                    check.projection(
+                        f"{layer.output_name(proj, '*')}[{e}]", spec.int4_values(get("weight")), get("weight_scale"),
+                        get("weight_scale_second") if spec.per_group else None,
+                        *(_load_expert(reader, outs[o], e, layer.num_experts) for o in outs),
+                        get("scale_bias") if spec.bias_in_checkpoint else None,
+                        DOWN_BIAS_CHUNKS if is_down else 1)
+        for module in plan.linears:
+            spec = LINEAR_SPECS[module.variant]
+            get = lambda s: check.src(module.source_name(s))  # noqa: E731
+            names = {o: f"{module.prefix}.{o}" for o in spec.outputs}
+            if any(n not in stored for n in names.values()):
+                report.problems.append(f"{module.prefix}: converted tensors missing")
+                continue
+            report.tensors_compared += 1
+            values = spec.int4_values(get("weight"))
+            if not torch.equal(unpack_int32_to_int4(reader.load(stored[names["weight"]])), values.t()):
+                check.fail(names["weight"], "unpacked int4 differ from the source")
+            dtype = src.model_dtype
+            exact = get("weight_scale").float().reshape(1, -1) * get("weight_scale_second").float().t()
+            expected = (round_to_dtype(get("weight_scale"), dtype).reshape(1, -1)
+                        * round_to_dtype(get("weight_scale_second"), dtype).t())
+            antiquant = reader.load(stored[names["weight_scale_second"]])
+            if not torch.equal(antiquant, expected):
+                check.fail(names["weight_scale_second"], f"differs from the {dtype}-rounded scale product")
+            report.note_error("scale", _relative(antiquant, exact))
+        passthrough = [t for t in plan.tensors if isinstance(t.recipe, CopyBytes)]
+        if sample is not None:
+            passthrough = rng.sample(passthrough, min(len(passthrough), 4 * max(sample, 1)))
+        for tensor in passthrough:
+            report.tensors_compared += 1
+            ref = stored.get(tensor.name)
+            if ref is None or ref.dtype != tensor.dtype or ref.shape != tensor.shape:
+                report.problems.append(f"{tensor.name}: passed-through tensor missing or reshaped")
+            elif reader.read_bytes(ref) != source_reader.read_bytes(tensor.recipe.ref):
+                report.problems.append(f"{tensor.name}: passed-through bytes differ from the source")
+
+
+def verify(path: Path | str, *, source: Path | str | None = None, sample: int | None = 2,
+           seed: int = 0) -> VerifyReport:
+    """Check a converted directory; with `source`, also decode `sample` experts per layer (None: all).
+
+    Never raises for a damaged output: every finding is in `report.problems`.
+    """
+    path = Path(path)
+    report = VerifyReport(path)
+    try:
+        ckpt = NpuReadyCheckpoint.open(path)
+    except W4A8Error as exc:
+        report.problems.append(str(exc))
+        return report
+    stored = _check_integrity(ckpt, report)
+    if source is not None and report.ok:
+        try:
+            _check_fidelity(ckpt, Path(source), stored, report, sample, seed)
+        except W4A8Error as exc:
+            report.problems.append(str(exc))
+    return report
