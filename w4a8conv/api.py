@@ -14,7 +14,7 @@ from . import __version__
 from .constants import (CONVERTED_TYPE, DESCRIPTION_NAME, INDEX_NAME, LAYOUT_NAME, LAYOUT_VERSION, STAMP_KEY,
                         TARGET_VLLM_ASCEND, Variant)
 from .engine import JOURNAL_NAME, Journal, plan_fingerprint, run_shards
-from .errors import OutputLocationError, WriteError
+from .errors import InvalidCheckpointError, OutputLocationError, WriteError
 from .plan import CopyBytes, LinearModule, MoeLayer, Plan, make_plan
 from .produce import check_small_tensors
 from .resources import ResourcePlan, estimate_resources
@@ -171,6 +171,7 @@ def convert(source: Path | str, output: Path | str, *, options: ConvertOptions |
     if resources.disk_free_bytes is not None and resources.disk_free_bytes < resources.write_bytes:
         raise WriteError(f"{output}: needs {resources.write_bytes} bytes, the file system has "
                          f"{resources.disk_free_bytes} free")
+    created = not output.exists()
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -185,8 +186,16 @@ def convert(source: Path | str, output: Path | str, *, options: ConvertOptions |
     else:
         journal = Journal.start(output, fingerprint, plan_fp)
     total = resources.write_bytes
-    written = run_shards(output, shards, metadata, src.tensors, journal, options.workers,
-                         (lambda n: on_progress(n, total)) if on_progress else (lambda _n: None))
+    try:
+        written = run_shards(output, shards, metadata, src.tensors, journal, options.workers,
+                             (lambda n: on_progress(n, total)) if on_progress else (lambda _n: None))
+    except InvalidCheckpointError:
+        # The source itself is bad (a weight found out of range): nothing here is worth resuming.
+        for name in [s.file_name for s in shards] + [JOURNAL_NAME]:
+            (output / name).unlink(missing_ok=True)
+        if created:
+            output.rmdir()
+        raise
     for extra in copied:
         copy_file_atomic(extra, output / extra.name)
     weight_map = {t.name: shard.file_name for shard in shards for t in shard.tensors}

@@ -230,15 +230,13 @@ def version() -> None:
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns the code of a typer.Exit here
     except W4A8Error as exc:
         err.print(f"error: {exc}", markup=False, soft_wrap=True)
         sys.exit(int(exc.exit_code))
     except (typer.Abort, KeyboardInterrupt):
         err.print("aborted")
         sys.exit(130)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
     except Exception as exc:  # click usage errors
         import click
 
@@ -246,6 +244,8 @@ def main() -> None:
             exc.show()
             sys.exit(int(ExitCode.USAGE))
         raise
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":
