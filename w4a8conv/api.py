@@ -125,10 +125,18 @@ def _prepare_output(source_root: Path, output: Path, copied: set[str], options: 
 
 
 def _peak_rss_bytes() -> int:
-    """Largest resident set of this process or any finished worker (Linux reports KiB)."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, children) * 1024
+    """Largest resident set of this process or any finished worker.
+
+    For this process VmHWM is read, because Linux carries ru_maxrss over an exec from the parent
+    (a launcher's size would show up as ours); workers start small, so their ru_maxrss is theirs.
+    """
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    try:
+        status = Path("/proc/self/status").read_text()
+        own = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
+    except (OSError, StopIteration, ValueError):
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return max(own, children)
 
 
 def convert(source: Path | str, output: Path | str, *, options: ConvertOptions | None = None,

@@ -6,7 +6,7 @@ and the int4 range of version "0" weights as each weight is read.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
@@ -17,7 +17,8 @@ from .source.checkpoint import MODEL_DTYPES
 from .source.reader import TensorReader
 from .source.safetensors_file import TORCH_DTYPES, TensorRef
 from .transforms import LINEAR_SPECS, MOE_SPECS
-from .transforms.rules import fp16_overflow_violation, int4_range_violation, scale_violation, zero_violation
+from .transforms.rules import (finite_violation, fp16_overflow_violation, int4_range_violation, scale_violation,
+                               zero_violation)
 from .transforms.scales import fuse_group_scales_fp16, round_to_dtype
 
 __all__ = ["produce", "check_small_tensors", "COPY_CHUNK_BYTES"]
@@ -25,25 +26,29 @@ __all__ = ["produce", "check_small_tensors", "COPY_CHUNK_BYTES"]
 COPY_CHUNK_BYTES = 64 * 2**20
 
 
-def _checked(ref: TensorRef, tensor: torch.Tensor, suffix: str, int4_values: bool) -> torch.Tensor:
-    """Apply the content rule that fits a source tensor's role; raise naming file, tensor and rule."""
-    if suffix == "weight":
-        problem = int4_range_violation(tensor) if int4_values else None
-    elif suffix in ("weight_scale", "weight_scale_second"):
-        problem = scale_violation(tensor)
-    elif suffix in ("weight_offset", "weight_offset_second"):
-        problem = zero_violation(tensor)
-    else:
-        problem = None if bool(torch.isfinite(tensor.to(torch.float32)).all()) else "value is not finite"
-    if problem:
-        raise InvalidCheckpointError(problem, file=ref.file, tensor=ref.name)
-    return tensor
+_SMALL_TENSOR_RULES = {
+    "weight_scale": scale_violation, "weight_scale_second": scale_violation,
+    "weight_offset": zero_violation, "weight_offset_second": zero_violation, "scale_bias": finite_violation,
+}
 
 
 def _load_parts(reader: TensorReader, tensors: Mapping[str, TensorRef], names: Mapping[str, str],
-                int4_values: bool) -> dict[str, torch.Tensor]:
-    return {suffix: _checked(tensors[name], reader.load(tensors[name]), suffix, int4_values)
-            for suffix, name in names.items()}
+                rules: Mapping[str, Callable[[torch.Tensor], str | None]]) -> dict[str, torch.Tensor]:
+    """Load a projection's source tensors, applying the rule of each suffix that has one."""
+    parts = {}
+    for suffix, name in names.items():
+        ref = tensors[name]
+        parts[suffix] = tensor = reader.load(ref)
+        rule = rules.get(suffix)
+        problem = rule(tensor) if rule else None
+        if problem:
+            raise InvalidCheckpointError(problem, file=ref.file, tensor=ref.name)
+    return parts
+
+
+def _weight_rules(packed_pairs: bool) -> dict[str, Callable[[torch.Tensor], str | None]]:
+    """While converting, only version "0" weights still need a check (the rest passed `check_small_tensors`)."""
+    return {} if packed_pairs else {"weight": int4_range_violation}
 
 
 def _as_bytes(piece: torch.Tensor, tensor: OutputTensor, shape: tuple[int, ...]) -> memoryview:
@@ -68,7 +73,7 @@ def _stack(tensor: OutputTensor, recipe: StackExperts, reader: TensorReader,
     is_down = recipe.proj == layer.projections[2]
     for expert in range(layer.num_experts):
         names = {s: layer.source_name(expert, recipe.proj, s) for s in output.needs}
-        piece = output.make(_load_parts(reader, tensors, names, not spec.packed_pairs),
+        piece = output.make(_load_parts(reader, tensors, names, _weight_rules(spec.packed_pairs)),
                             DOWN_BIAS_CHUNKS if is_down else 1)
         if recipe.output == "scale_bias" and not is_down:
             piece = piece.reshape(-1)  # gate/up bias is [out]; down keeps its 16 chunks
@@ -80,7 +85,7 @@ def _linear(tensor: OutputTensor, recipe: LinearTensor, reader: TensorReader,
     spec = LINEAR_SPECS[recipe.module.variant]
     output = spec.outputs[recipe.output]
     names = {s: recipe.module.source_name(s) for s in output.needs}
-    piece = output.make(_load_parts(reader, tensors, names, not spec.packed_pairs),
+    piece = output.make(_load_parts(reader, tensors, names, _weight_rules(spec.packed_pairs)),
                         MODEL_DTYPES[recipe.model_dtype])
     yield _as_bytes(piece, tensor, tensor.shape)
 
@@ -105,7 +110,7 @@ def check_small_tensors(plan: Plan, reader: TensorReader) -> None:
         for expert in range(layer.num_experts):
             for proj in layer.projections:
                 names = {s: layer.source_name(expert, proj, s) for s in suffixes}
-                parts = _load_parts(reader, tensors, names, False)
+                parts = _load_parts(reader, tensors, names, _SMALL_TENSOR_RULES)
                 if "weight_scale_second" in parts:
                     fused = fuse_group_scales_fp16(parts["weight_scale"], parts["weight_scale_second"])
                     problem = fp16_overflow_violation(fused)
@@ -114,10 +119,10 @@ def check_small_tensors(plan: Plan, reader: TensorReader) -> None:
                         raise InvalidCheckpointError(problem, file=ref.file, tensor=ref.name)
     for module in plan.linears:
         names = {s: module.source_name(s) for s in module.source_suffixes() if s != "weight"}
-        parts = _load_parts(reader, tensors, names, False)
+        parts = _load_parts(reader, tensors, names, _SMALL_TENSOR_RULES)
         dtype = plan.source.model_dtype
         for suffix in ("weight_scale", "weight_scale_second"):
-            if not bool(torch.isfinite(round_to_dtype(parts[suffix], dtype)).all()):
+            if finite_violation(round_to_dtype(parts[suffix], dtype)):
                 ref = tensors[names[suffix]]
                 raise InvalidCheckpointError(f"scale overflows the model dtype {dtype}", file=ref.file,
                                              tensor=ref.name)

@@ -39,6 +39,8 @@ class SyntheticSpec:
     moe_layers: int = 1
     w8a8_moe_layers: int = 0        # extra MoE layers exported as W8A8_DYNAMIC (mixed recipes)
     w4a8_linear: bool = False       # dense MLP and shared experts in W4A8 (else W8A8_DYNAMIC)
+    attention: bool = True          # W8A8_DYNAMIC q/k/v/o projections per layer
+    shared_experts: bool = True
     vocab: int = 256
     shard_bytes: int | None = None  # None: one file; else start a new shard past this many bytes
     index: bool | None = None       # default: an index when sharded
@@ -133,7 +135,7 @@ def _model_tensors(spec: SyntheticSpec, sink: _Sink, gen: torch.Generator) -> No
         p = f"model.layers.{layer}"
         sink.add(_float(gen, f"{p}.input_layernorm.weight", (h,), dtype), "FLOAT")
         sink.add(_float(gen, f"{p}.post_attention_layernorm.weight", (h,), dtype), "FLOAT")
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj") if spec.attention else ():
             sink.add(_w8a8(gen, f"{p}.self_attn.{proj}", h, h), "W8A8_DYNAMIC")
         linear_kind = SOURCE_TYPE if spec.w4a8_linear else "W8A8_DYNAMIC"
 
@@ -148,7 +150,8 @@ def _model_tensors(spec: SyntheticSpec, sink: _Sink, gen: torch.Generator) -> No
             mlp(f"{p}.mlp", spec.dense_intermediate)
             continue
         sink.add(_float(gen, f"{p}.mlp.gate.weight", (spec.num_experts, h), dtype), "FLOAT")
-        mlp(f"{p}.mlp.shared_experts", spec.intermediate)
+        if spec.shared_experts:
+            mlp(f"{p}.mlp.shared_experts", spec.intermediate)
         w4a8 = layer < spec.dense_layers + spec.moe_layers
         for e in range(spec.num_experts):
             for proj, (out, inp) in ((gate, (spec.intermediate, h)), (up, (spec.intermediate, h)),

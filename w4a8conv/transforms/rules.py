@@ -1,50 +1,70 @@
-"""Content rules checked on source values; each returns a message naming the rule, or None."""
+"""Content rules checked on source values; each returns a message naming the rule, or None.
+
+They run on every scale of a checkpoint (hundreds of thousands of small tensors), so each is a
+single vectorised pass in numpy, and the location is computed only on failure.
+"""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .int4 import INT4_MAX, INT4_MIN
 
-__all__ = ["int4_range_violation", "scale_violation", "zero_violation", "fp16_overflow_violation"]
+__all__ = ["int4_range_violation", "scale_violation", "zero_violation", "fp16_overflow_violation",
+           "finite_violation"]
 
 
-def _first(mask: torch.Tensor) -> tuple[int, ...]:
-    return tuple(int(i) for i in torch.nonzero(mask)[0])
+def _first(bad: np.ndarray) -> list[int]:
+    return [int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape)]
+
+
+def _floats(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.to(torch.float32).numpy()
 
 
 def int4_range_violation(values: torch.Tensor) -> str | None:
     """A version "0" weight stores one int4 value per int8; anything outside [-8, 7] is corrupt."""
-    bad = (values < INT4_MIN) | (values > INT4_MAX)
-    if not bool(bad.any()):
+    shifted = values.numpy() + np.int8(-INT4_MIN)  # [-8, 7] -> [0, 15]; int8 wrap-around sends the rest above 15
+    bad = shifted.view(np.uint8) > INT4_MAX - INT4_MIN
+    if not bad.any():
         return None
     at = _first(bad)
-    return f"int4 value {int(values[at])} at {list(at)} outside [{INT4_MIN}, {INT4_MAX}]"
+    return f"int4 value {int(values[tuple(at)])} at {at} outside [{INT4_MIN}, {INT4_MAX}]"
 
 
 def scale_violation(scale: torch.Tensor) -> str | None:
     """Scales must be finite and non-negative (msModelSlim's symmetric quantization never writes others)."""
-    scale = scale.to(torch.float32)
-    bad = ~torch.isfinite(scale) | (scale < 0)
-    if not bool(bad.any()):
+    values = _floats(scale)
+    with np.errstate(invalid="ignore"):
+        bad = ~((values >= 0) & (values < np.inf))  # NaN fails both comparisons
+    if not bad.any():
         return None
     at = _first(bad)
-    return f"scale {float(scale[at])} at {list(at)} is not finite and non-negative"
+    return f"scale {float(values[tuple(at)])} at {at} is not finite and non-negative"
 
 
 def zero_violation(offset: torch.Tensor) -> str | None:
     """Offsets must be zero: the NPU kernels are symmetric and ignore them."""
-    bad = offset != 0
-    if not bool(bad.any()):
+    values = _floats(offset)
+    bad = values != 0
+    if not bad.any():
         return None
     at = _first(bad)
-    return (f"non-zero offset {float(offset[at])} at {list(at)}: asymmetric quantization is "
+    return (f"non-zero offset {float(values[tuple(at)])} at {at}: asymmetric quantization is "
             "not served by the A8W4 kernel")
+
+
+def finite_violation(tensor: torch.Tensor) -> str | None:
+    values = _floats(tensor)
+    bad = ~np.isfinite(values)
+    if not bad.any():
+        return None
+    return f"value {float(values[tuple(_first(bad))])} at {_first(bad)} is not finite"
 
 
 def fp16_overflow_violation(fused: torch.Tensor) -> str | None:
     """A fused per-group scale above fp16's range turns into inf in vllm-ascend's fp16 rounding."""
-    bad = torch.isinf(fused)
-    if not bool(bad.any()):
+    bad = np.isinf(_floats(fused))
+    if not bad.any():
         return None
-    at = _first(bad)
-    return f"fused scale at {list(at)} overflows fp16 (|scale x scale_second| > 65504)"
+    return f"fused scale at {_first(bad)} overflows fp16 (|scale x scale_second| > 65504)"
