@@ -11,7 +11,8 @@ import hashlib
 import json
 import multiprocessing
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,18 @@ class Journal:
         return WrittenShard(name, entry["bytes"], entry["sha256"])
 
 
+@contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    """The transforms are many small ops; torch's intra-op pool only adds hand-offs (and spinning on a
+    busy machine), so conversion runs them single-threaded and restores the caller's setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 # Worker-process state, set once by the pool initializer.
 _WORKER: dict = {}
 
@@ -130,7 +143,7 @@ def run_shards(output: Path, shards: list[ShardPlan], metadata: dict[str, str], 
         on_bytes(next(s.data_bytes for s in shards if s.file_name == name))
     todo = [s for s in shards if s.file_name not in done]
     if workers <= 1 or len(todo) <= 1:
-        with TensorReader() as reader:
+        with TensorReader() as reader, _torch_threads(1):
             for shard in todo:
                 written = _write(output, shard, metadata, reader, tensors, on_bytes)
                 journal.record(written)

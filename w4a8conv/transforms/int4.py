@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import torch
 
 from ..constants import INT4_PER_INT32
@@ -16,6 +17,7 @@ from ..constants import INT4_PER_INT32
 __all__ = [
     "INT4_MIN", "INT4_MAX", "pack_int4_to_int8_pairs", "unpack_int8_pairs_to_int4",
     "int8_pairs_to_int32", "int32_to_int8_pairs", "pack_int4_to_int32", "unpack_int32_to_int4",
+    "transpose_bytes", "kernel_words_from_pairs", "kernel_words_from_values",
 ]
 
 INT4_MIN, INT4_MAX = -8, 7
@@ -68,3 +70,31 @@ def pack_int4_to_int32(values: torch.Tensor) -> torch.Tensor:
 def unpack_int32_to_int4(words: torch.Tensor) -> torch.Tensor:
     """int32 [..., n/8] -> int8 [..., n] in [-8, 7]."""
     return unpack_int8_pairs_to_int4(int32_to_int8_pairs(words), dim=-1)
+
+
+def transpose_bytes(matrix: torch.Tensor) -> torch.Tensor:
+    """int8 [R, C] -> contiguous int8 [C, R] (equal to `matrix.t().contiguous()`, about twice as fast).
+
+    A byte-wise transpose gathers one byte per cache line; instead, transpose 8-byte words (each holds
+    8 consecutive columns of one row), then split every word's bytes onto 8 output rows.
+    """
+    rows, cols = matrix.shape
+    for width, word in ((8, np.int64), (4, np.int32)):
+        if cols % width == 0 and rows:
+            words = np.ascontiguousarray(matrix.contiguous().numpy().view(word).T)  # [C/width, R]
+            split = words.view(np.int8).reshape(cols // width, rows, width).transpose(0, 2, 1)
+            return torch.from_numpy(np.ascontiguousarray(split).reshape(cols, rows))
+    return matrix.t().contiguous()
+
+
+def kernel_words_from_pairs(pairs: torch.Tensor) -> torch.Tensor:
+    """msModelSlim "1.0.0" weight int8 [out/2, in] -> kernel int32 [in, out/8]."""
+    return int8_pairs_to_int32(transpose_bytes(pairs))
+
+
+def kernel_words_from_values(values: torch.Tensor) -> torch.Tensor:
+    """Version "0" weight int8 [out, in] of int4 values -> kernel int32 [in, out/8].
+
+    Pair-packing the rows first halves the bytes the transpose moves.
+    """
+    return kernel_words_from_pairs(pack_int4_to_int8_pairs(values, dim=0))

@@ -15,7 +15,7 @@ import torch
 
 from ..constants import Variant
 from .bias import msd_bias_chunks
-from .int4 import int8_pairs_to_int32, pack_int4_to_int32, unpack_int8_pairs_to_int4
+from .int4 import kernel_words_from_pairs, kernel_words_from_values, unpack_int8_pairs_to_int4
 from .moe import Parts
 from .scales import round_to_dtype
 
@@ -58,11 +58,11 @@ _ANTIQUANT = LinearOutput(("weight_scale", "weight_scale_second"), _antiquant)
 
 LINEAR_SPECS: dict[Variant, LinearSpec] = {
     Variant.LINEAR_GROUP_V0: LinearSpec(False, {
-        "weight": LinearOutput(("weight",), lambda p, _d: pack_int4_to_int32(p["weight"].t())),
+        "weight": LinearOutput(("weight",), lambda p, _d: kernel_words_from_values(p["weight"])),
         "weight_scale_second": _ANTIQUANT,
         "weight_scale_bias": LinearOutput(("weight", "weight_scale", "weight_scale_second"), _computed_bias)}),
     Variant.LINEAR_GROUP_V1: LinearSpec(True, {
-        "weight": LinearOutput(("weight",), lambda p, _d: int8_pairs_to_int32(p["weight"].t().contiguous())),
+        "weight": LinearOutput(("weight",), lambda p, _d: kernel_words_from_pairs(p["weight"])),
         "weight_scale_second": _ANTIQUANT,
         "scale_bias": LinearOutput(("scale_bias",), _checkpoint_bias)}),
 }

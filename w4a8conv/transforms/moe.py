@@ -14,7 +14,7 @@ import torch
 
 from ..constants import Variant
 from .bias import msd_bias_chunks
-from .int4 import int8_pairs_to_int32, pack_int4_to_int32, unpack_int8_pairs_to_int4
+from .int4 import kernel_words_from_pairs, kernel_words_from_values, unpack_int8_pairs_to_int4
 from .scales import encode_fp32_bits_as_int64, fuse_group_scales_fp16
 
 __all__ = ["Parts", "Output", "MoeSpec", "MOE_SPECS"]
@@ -51,11 +51,11 @@ class MoeSpec:
 
 
 def _weight_from_values(parts: Parts, _chunks: int) -> torch.Tensor:
-    return pack_int4_to_int32(parts["weight"].t())
+    return kernel_words_from_values(parts["weight"])
 
 
 def _weight_from_pairs(parts: Parts, _chunks: int) -> torch.Tensor:
-    return int8_pairs_to_int32(parts["weight"].t().contiguous())
+    return kernel_words_from_pairs(parts["weight"])
 
 
 def _group_scale(parts: Parts, _chunks: int) -> torch.Tensor:
