@@ -228,7 +228,8 @@ def test_convert_json_then_inspect(runs):
     passthrough = sum(1 for n in load_file(str(src / CHANNEL_V0_FILE)) if description[n] != "W4A8_DYNAMIC")
     assert summary["tensors_passed_through"] == passthrough
     assert summary["tensors"] == passthrough + 9  # 3 projections x (weight, weight_scale, scale_bias)
-    assert len(summary["notes"]) == 1 and "per-channel" in summary["notes"][0]
+    assert len(summary["warnings"]) == 1 and "per-channel" in summary["warnings"][0]
+    assert summary["peak_rss_bytes"] > 0 and summary["workers"] >= 1
     assert isinstance(summary["seconds"], (int, float)) and summary["seconds"] >= 0
     assert (out / "quant_model_description.json").is_file()
 

@@ -64,7 +64,7 @@ class ConvertReport:
             "tensors_passed_through": self.tensors_passed_through, "source_bytes": self.source_bytes,
             "output_bytes": self.output_bytes, "seconds": round(self.seconds, 3),
             "peak_rss_bytes": self.peak_rss_bytes, "workers": self.resources.workers,
-            "plan": self.resources.summary(), "notes": self.notes,
+            "plan": self.resources.summary(), "warnings": self.notes,
         }
 
 

@@ -137,8 +137,8 @@ def convert(
                   f"{_human(summary['source_bytes'])} -> {_human(summary['output_bytes'])} in "
                   f"{summary['seconds']:.1f} s with {summary['workers']} worker(s), "
                   f"peak RSS {_human(summary['peak_rss_bytes'])} -> {summary['output']}")
-    for note in summary["notes"]:
-        out.print(f"note: {note}")
+    for note in summary["warnings"]:
+        err.print(f"warning: {note}", markup=False)
 
 
 @app.command()
