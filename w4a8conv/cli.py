@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -228,24 +229,31 @@ def version() -> None:
     out.print(__version__)
 
 
+class Interrupted(Exception):
+    """SIGINT or SIGTERM as an exception, so partial files are removed on the way out (click would
+    turn a KeyboardInterrupt into its own abort)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, _frame: object) -> None:
+    raise Interrupted(signum)
+
+
 def main() -> None:
+    """Console entry point: click handles usage errors (exit 2); w4a8conv errors print one line."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _raise_interrupted)
     try:
-        code = app(standalone_mode=False)  # click returns the code of a typer.Exit here
+        app()
     except W4A8Error as exc:
         err.print(f"error: {exc}", markup=False, soft_wrap=True)
         sys.exit(int(exc.exit_code))
-    except (typer.Abort, KeyboardInterrupt):
-        err.print("aborted")
-        sys.exit(130)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(int(ExitCode.USAGE))
-        raise
-    if isinstance(code, int) and code:
-        sys.exit(code)
+    except Interrupted as exc:
+        err.print(f"error: interrupted by {exc}; finished shards are kept: run the same command with --resume")
+        sys.exit(128 + exc.signum)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from .errors import OutputLocationError
 from .produce import produce
 from .source.reader import TensorReader
 from .source.safetensors_file import TensorRef
-from .writer import ShardPlan, WrittenShard, write_json_atomic, write_shard
+from .writer import ShardPlan, WrittenShard, partial_name, write_json_atomic, write_shard
 
 __all__ = ["JOURNAL_NAME", "Journal", "run_shards", "sha256_file", "plan_fingerprint"]
 
@@ -118,6 +119,7 @@ _WORKER: dict = {}
 
 
 def _init_worker(tensors: Mapping[str, TensorRef], progress) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops the workers
     torch.set_num_threads(1)  # one shard per core; intra-op threads would oversubscribe
     _WORKER.update(tensors=tensors, progress=progress, reader=TensorReader())
 
@@ -149,29 +151,43 @@ def run_shards(output: Path, shards: list[ShardPlan], metadata: dict[str, str], 
                 journal.record(written)
                 done[written.file_name] = written
     else:
-        context = multiprocessing.get_context("spawn")
-        progress = context.Queue()
-        drain = threading.Thread(target=_drain, args=(progress, on_bytes), daemon=True)
-        drain.start()
-        try:
-            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=context, initializer=_init_worker,
-                                     initargs=(tensors, progress)) as pool:
-                pending = {pool.submit(_worker_shard, output, shard, metadata) for shard in todo}
-                try:
-                    while pending:
-                        finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                        for future in finished:
-                            written = future.result()  # re-raises the worker's error
-                            journal.record(written)
-                            done[written.file_name] = written
-                except BaseException:
-                    for future in pending:
-                        future.cancel()
-                    raise
-        finally:
-            progress.put(None)
-            drain.join()
+        _run_in_workers(output, todo, metadata, tensors, journal, min(workers, len(todo)), on_bytes, done)
     return [done[s.file_name] for s in shards]
+
+
+def _run_in_workers(output: Path, todo: list[ShardPlan], metadata: dict[str, str], tensors: Mapping[str, TensorRef],
+                    journal: Journal, workers: int, on_bytes: Callable[[int], None],
+                    done: dict[str, WrittenShard]) -> None:
+    """One shard per task in `spawn` processes; on any error or signal the other workers are stopped at
+    once and their unfinished `.partial` files removed, while finished shards stay journaled."""
+    context = multiprocessing.get_context("spawn")
+    progress = context.Queue()
+    drain = threading.Thread(target=_drain, args=(progress, on_bytes), daemon=True)
+    drain.start()
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(tensors, progress))
+    try:
+        pending = {pool.submit(_worker_shard, output, shard, metadata) for shard in todo}
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for future in finished:
+                written = future.result()  # re-raises the worker's error
+                journal.record(written)
+                done[written.file_name] = written
+        pool.shutdown()
+    except BaseException:
+        # ProcessPoolExecutor would let running shards finish; a failed or interrupted run must stop now.
+        processes = list(getattr(pool, "_processes", {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.join()
+        for shard in todo:
+            (output / partial_name(shard.file_name)).unlink(missing_ok=True)
+        raise
+    finally:
+        progress.put(None)
+        drain.join()
 
 
 def _drain(queue, on_bytes: Callable[[int], None]) -> None:

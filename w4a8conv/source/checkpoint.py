@@ -35,6 +35,8 @@ def read_json(file: Path) -> tuple[bytes, object]:
         return raw, json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidCheckpointError(f"not valid JSON ({exc})", file=file) from None
+    except RecursionError:
+        raise InvalidCheckpointError("not valid JSON (nested too deeply)", file=file) from None
 
 
 @dataclass(frozen=True)
@@ -61,13 +63,18 @@ class SourceCheckpoint:
         return tuple(h.file for h in self.headers)
 
     def non_weight_files(self) -> list[Path]:
-        """Top-level regular files that are neither weights, their index, nor a quant description."""
+        """Top-level regular files that are neither weights, their index, nor a quant description.
+
+        They are copied into the output, so a link that leaves the directory is refused."""
         skip = {self.description_file.name, *(f.name for f in self.weight_files)}
         if self.index_file:
             skip.add(self.index_file.name)
-        return sorted(p for p in self.root.iterdir()
-                      if p.is_file() and p.name not in skip and not p.name.endswith(".safetensors")
-                      and not p.name.startswith("quant_model_description"))
+        files = sorted(p for p in self.root.iterdir()
+                       if p.is_file() and p.name not in skip and not p.name.endswith(".safetensors")
+                       and not p.name.startswith("quant_model_description"))
+        for p in files:
+            _check_inside(self.root, p)
+        return files
 
     def fingerprint(self) -> str:
         """sha256 over the description, the index and every shard's name, size and header."""
@@ -125,7 +132,7 @@ def _model_dtype(root: Path, override: str | None) -> torch.dtype | None:
     name = parsed.get("torch_dtype", parsed.get("dtype")) if isinstance(parsed, dict) else None
     if name is None:
         return None
-    if name not in MODEL_DTYPES:
+    if not isinstance(name, str) or name not in MODEL_DTYPES:
         raise InvalidCheckpointError(f"torch_dtype {name!r} is not one of {', '.join(MODEL_DTYPES)}",
                                      file=config, tensor="torch_dtype")
     return MODEL_DTYPES[name]
@@ -136,6 +143,11 @@ def _inside(root: Path, candidate: Path) -> bool:
     return os.path.commonpath([real_root, real]) == real_root
 
 
+def _check_inside(root: Path, file: Path) -> None:
+    if not _inside(root, file):
+        raise InvalidCheckpointError("is a link to a file outside the checkpoint directory", file=file)
+
+
 def _indexed_files(root: Path, index_file: Path) -> tuple[list[Path], dict[str, str]]:
     _raw, index = read_json(index_file)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -144,10 +156,16 @@ def _indexed_files(root: Path, index_file: Path) -> tuple[list[Path], dict[str, 
     names = sorted(set(weight_map.values()))
     for name in names:
         path = root / name
-        if os.path.isabs(name) or not _inside(root, path):
+        try:
+            outside = os.path.isabs(name) or not _inside(root, path)
+            exists = path.is_file()
+        except (OSError, ValueError) as exc:  # NUL bytes, lone surrogates, names too long
+            raise InvalidCheckpointError(f"weight_map names {name!r}, which is not a usable file name ({exc})",
+                                         file=index_file) from None
+        if outside:
             raise InvalidCheckpointError(f"weight_map names {name!r}, which lies outside the checkpoint directory",
                                          file=index_file)
-        if not path.is_file():
+        if not exists:
             raise InvalidCheckpointError(f"weight_map names {name!r}, which does not exist", file=index_file)
     return [root / n for n in names], weight_map
 
@@ -158,6 +176,7 @@ def open_source(root: Path | str, *, model_dtype: str | None = None) -> SourceCh
     if not root.is_dir():
         raise InvalidCheckpointError("not a directory", file=root)
     description_file = _find_description(root)
+    _check_inside(root, description_file)
     description_bytes, description = read_json(description_file)
     if not isinstance(description, dict):
         raise InvalidCheckpointError("description is not a JSON object", file=description_file)
@@ -169,14 +188,14 @@ def open_source(root: Path | str, *, model_dtype: str | None = None) -> SourceCh
         raise InvalidCheckpointError(f"several indexes ({', '.join(p.name for p in indexes)})", file=root)
     index_file = indexes[0] if indexes else None
     if index_file:
+        _check_inside(root, index_file)
         files, weight_map = _indexed_files(root, index_file)
     else:
         files, weight_map = sorted(root.glob("*.safetensors")), None
         if not files:
             raise InvalidCheckpointError("no *.safetensors file", file=root)
         for f in files:
-            if not _inside(root, f):
-                raise InvalidCheckpointError("is a link to a file outside the checkpoint directory", file=f)
+            _check_inside(root, f)
 
     headers = tuple(read_header(f) for f in files)
     tensors: dict[str, TensorRef] = {}
@@ -203,8 +222,10 @@ def open_source(root: Path | str, *, model_dtype: str | None = None) -> SourceCh
         if not isinstance(kind, str):
             raise InvalidCheckpointError("tensor has no quantization type in the description",
                                          file=description_file, tensor=name)
-    return SourceCheckpoint(
+    checkpoint = SourceCheckpoint(
         root=root, description_file=description_file, description_bytes=description_bytes,
         description=description, version=version, group_size=group_size,
         group_size_given="group_size" in description, model_dtype=_model_dtype(root, model_dtype),
         index_file=index_file, headers=headers, tensors=tensors)
+    checkpoint.non_weight_files()  # refuses links that leave the directory before anything is copied
+    return checkpoint

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,10 @@ def _fail(file: Path, rule: str, tensor: str | None = None) -> InvalidCheckpoint
 def read_header(file: Path) -> SafetensorsHeader:
     """Parse and validate one safetensors file's header."""
     try:
-        size = os.path.getsize(file)
+        info = os.stat(file)
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
+            raise _fail(file, "is not a regular file")
+        size = info.st_size
         with open(file, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -81,9 +85,12 @@ def read_header(file: Path) -> SafetensorsHeader:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _fail(file, f"header is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise _fail(file, "header is not valid JSON (nested too deeply)") from None
     if not isinstance(header, dict):
         raise _fail(file, "header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise _fail(file, "__metadata__ is not a map of strings")
     data_start, data_size = 8 + length, size - 8 - length
@@ -93,7 +100,7 @@ def read_header(file: Path) -> SafetensorsHeader:
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise _fail(file, "entry needs exactly dtype, shape and data_offsets", name)
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in DTYPE_SIZES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise _fail(file, f"unknown dtype {dtype!r}", name)
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise _fail(file, f"shape {shape!r} is not a list of non-negative integers", name)
