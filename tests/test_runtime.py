@@ -280,3 +280,20 @@ def test_linear_returns_vllm_ascend_names_and_shapes(converted, preset, bias_nam
         row_parallel_v1 = preset == "linear-v1" and prefix.endswith("down_proj")
         assert tuple(bias.shape) == ((n, 16) if row_parallel_v1 else (n,))
         assert torch.equal(got["weight"], ck.tensor(prefix + ".weight"))
+
+
+def test_returned_tensors_own_their_memory(converted):
+    """Editing what one call returned must not change what the next call returns."""
+    _source, out = converted("moe-group-v1")
+    ckpt = NpuReadyCheckpoint.open(out)
+    first = ckpt.moe_layer("model.layers.1.mlp")
+    expected = {k: v.clone() for k, v in first.items()}
+    for tensor in first.values():
+        tensor.zero_()
+    again = ckpt.moe_layer("model.layers.1.mlp")
+    assert all(torch.equal(again[k], expected[k]) for k in expected)
+    name = "model.layers.1.mlp.experts.down_proj.weight"
+    whole = ckpt.tensor(name)
+    kept = whole.clone()
+    whole.zero_()
+    assert torch.equal(ckpt.tensor(name), kept)

@@ -26,7 +26,7 @@ __all__ = ["ConvertOptions", "ConvertReport", "convert", "inspect", "build_stamp
 
 DEFAULT_MAX_SHARD_BYTES = 4 * 10**9
 
-_NOTES = {
+_WARNINGS = {
     Variant.MOE_CHANNEL_V0: "per-channel version \"0\" experts carry no scale_bias and vllm-ascend 0.11 "
                             "serves them without the MSD bias; w4a8conv computes it (8·Σ W·s)",
 }
@@ -55,7 +55,7 @@ class ConvertReport:
     seconds: float
     peak_rss_bytes: int
     dry_run: bool = False
-    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
         return {
@@ -64,7 +64,7 @@ class ConvertReport:
             "tensors_passed_through": self.tensors_passed_through, "source_bytes": self.source_bytes,
             "output_bytes": self.output_bytes, "seconds": round(self.seconds, 3),
             "peak_rss_bytes": self.peak_rss_bytes, "workers": self.resources.workers,
-            "plan": self.resources.summary(), "warnings": self.notes,
+            "plan": self.resources.summary(), "warnings": self.warnings,
         }
 
 
@@ -170,7 +170,7 @@ def convert(source: Path | str, output: Path | str, *, options: ConvertOptions |
             tensors_passed_through=len(plan.passthrough), source_bytes=resources.read_bytes,
             output_bytes=sum(s.nbytes for s in written) if written else resources.write_bytes,
             seconds=time.monotonic() - started, peak_rss_bytes=_peak_rss_bytes(), dry_run=options.dry_run,
-            notes=[_NOTES[v] for v in variants if v in _NOTES])
+            warnings=[_WARNINGS[v] for v in variants if v in _WARNINGS])
 
     with TensorReader() as reader:
         check_small_tensors(plan, reader)
@@ -256,7 +256,7 @@ def _inspect_source(path: Path, model_dtype: str | None, plan_for: tuple[int, in
         "converted_source_bytes": consumed_bytes,
         "converted_output_bytes": sum(t.nbytes for t in plan.tensors if not isinstance(t.recipe, CopyBytes)),
         "output_bytes": sum(t.nbytes for t in plan.tensors),
-        "notes": [_NOTES[Variant(v)] for v in variants if Variant(v) in _NOTES],
+        "warnings": [_WARNINGS[Variant(v)] for v in variants if Variant(v) in _WARNINGS],
         "plan": resources,
     }
 
@@ -284,7 +284,7 @@ def _inspect_converted(path: Path) -> dict:
         "tensors": len(ckpt.tensor_names),
         "tensors_converted": sum(1 for n in ckpt.tensor_names if ckpt.type_of(n) == CONVERTED_TYPE),
         "output_bytes": sum(s["bytes"] for s in stamp["shards"].values()),
-        "notes": [_NOTES[Variant(v)] for v in variants if Variant(v) in _NOTES],
+        "warnings": [_WARNINGS[Variant(v)] for v in variants if Variant(v) in _WARNINGS],
     }
 
 

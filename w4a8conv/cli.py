@@ -191,7 +191,7 @@ def inspect(
     else:
         rows += [("tensors", f"{info['tensors']} ({info['tensors_converted']} converted) in {info['files']} shard(s)"),
                  ("size", _human(info["output_bytes"]))]
-    rows += [("note", note) for note in info["notes"]]
+    rows += [("warning", note) for note in info["warnings"]]
     if info.get("plan"):
         rows += _plan_rows(info["plan"])
     _print_rows(rows)

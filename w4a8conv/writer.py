@@ -4,11 +4,14 @@ fsynced and renamed; the index and the stamped description are written after eve
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import json
 import os
 import queue
 import shutil
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -82,6 +85,41 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+class _Writeback:
+    """Starts the kernel's writeback of each 64 MiB as soon as it is written (Linux sync_file_range)
+    and waits for the range two steps behind, so dirty pages stay bounded, disk writes overlap the
+    conversion, and the final fsync has little left to do. A no-op where the call is unavailable."""
+
+    STEP = 64 * 2**20
+    _WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4
+
+    def __init__(self, fd: int, offset: int):
+        self.fd, self.started, self.written = fd, offset, offset
+        self.call = _sync_file_range()
+
+    def advance(self, nbytes: int) -> None:
+        self.written += nbytes
+        while self.call and self.written - self.started >= self.STEP:
+            self.call(self.fd, self.started, self.STEP, self._WRITE)
+            behind = self.started - 2 * self.STEP
+            if behind >= 0:
+                self.call(self.fd, behind, self.STEP, self._WAIT_BEFORE | self._WRITE | self._WAIT_AFTER)
+            self.started += self.STEP
+
+
+@functools.cache
+def _sync_file_range():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    return call
+
+
 def _write_all(fd: int, data: memoryview | bytes) -> None:
     view = memoryview(data)
     while view:
@@ -130,12 +168,14 @@ def write_shard(directory: Path, shard: ShardPlan, metadata: dict[str, str],
             head = shard_header(shard.tensors, metadata)
             _write_all(fd, head)
             digest.update(head)
+            writeback = _Writeback(fd, len(head))
             total = len(head)
             for tensor in shard.tensors:
                 written = 0
                 for piece in pieces(tensor):
                     _write_all(fd, piece)
                     digest.update(piece)
+                    writeback.advance(len(piece))
                     written += len(piece)
                 if written != tensor.nbytes:
                     raise AssertionError(f"{tensor.name}: produced {written} bytes, the plan says {tensor.nbytes}")

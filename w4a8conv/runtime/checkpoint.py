@@ -120,8 +120,8 @@ class NpuReadyCheckpoint:
         return handle.get_slice(name)
 
     def tensor(self, name: str) -> torch.Tensor:
-        """One stored tensor, whole."""
-        return self._slice(name)[:]
+        """One stored tensor, whole, in memory of its own (the shard's mapping is never handed out)."""
+        return self._slice(name)[:].clone()
 
     def _module(self, prefix: str, kind: str) -> dict:
         record = self.stamp["modules"].get(prefix)
@@ -169,9 +169,9 @@ class NpuReadyCheckpoint:
         down_bias = self._slice(down + "scale_bias")[experts, :, chunks]
         return {
             "w13_weight": gate_up("weight", words),
-            "w2_weight": self._slice(down + "weight")[experts, columns, :].contiguous(),
+            "w2_weight": self._slice(down + "weight")[experts, columns, :].clone(),
             "w13_weight_scale": gate_up("weight_scale", columns),
-            "w2_weight_scale": w2_scale.contiguous(),
+            "w2_weight_scale": w2_scale.clone(),
             "w13_scale_bias": gate_up("scale_bias", columns),
             # vllm-ascend sums the rank's chunks the same way (update_bias).
             "w2_scale_bias": down_bias.transpose(1, 2).contiguous().sum(dim=1),
