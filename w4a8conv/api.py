@@ -13,13 +13,14 @@ from pathlib import Path
 from . import __version__
 from .constants import (CONVERTED_TYPE, DESCRIPTION_NAME, INDEX_NAME, LAYOUT_NAME, LAYOUT_VERSION, STAMP_KEY,
                         TARGET_VLLM_ASCEND, Variant)
-from .engine import JOURNAL_NAME, Journal, plan_fingerprint, run_shards
+from .engine import JOURNAL_NAME, Journal, plan_fingerprint, run_shards, source_files_identity
 from .errors import InvalidCheckpointError, OutputLocationError, WriteError
 from .plan import CopyBytes, LinearModule, MoeLayer, Plan, make_plan
 from .produce import check_small_tensors
-from .resources import ResourcePlan, estimate_resources
+from .resources import ResourcePlan, estimate_resources, free_disk_bytes
 from .source import TensorReader, open_source
 from .source.checkpoint import read_json
+from .transforms import LINEAR_SPECS
 from .writer import WrittenShard, assign_shards, copy_file_atomic, write_json_atomic
 
 __all__ = ["ConvertOptions", "ConvertReport", "convert", "inspect", "build_stamp", "DEFAULT_MAX_SHARD_BYTES"]
@@ -74,7 +75,8 @@ def _module_record(module: MoeLayer | LinearModule) -> dict:
                 "projections": list(module.projections), "hidden": module.hidden,
                 "intermediate": module.intermediate, "group_size": module.group_size}
     return {"kind": "linear", "variant": module.variant.value, "out_features": module.out_features,
-            "in_features": module.in_features, "group_size": module.group_size}
+            "in_features": module.in_features, "group_size": module.group_size,
+            "bias": LINEAR_SPECS[module.variant].bias_name, "bias_columns": module.bias_columns}
 
 
 def build_stamp(plan: Plan, shards: list[WrittenShard], source_fingerprint: str) -> dict:
@@ -176,23 +178,28 @@ def convert(source: Path | str, output: Path | str, *, options: ConvertOptions |
         check_small_tensors(plan, reader)
     if options.dry_run:
         return report([])
-    if resources.disk_free_bytes is not None and resources.disk_free_bytes < resources.write_bytes:
-        raise WriteError(f"{output}: needs {resources.write_bytes} bytes, the file system has "
-                         f"{resources.disk_free_bytes} free")
     created = not output.exists()
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputLocationError(f"{output}: cannot create: {exc.strerror or exc}") from None
+    free = free_disk_bytes(output)
+    present = sum((output / s.file_name).stat().st_size for s in shards if (output / s.file_name).is_file())
+    if free is not None and free < resources.write_bytes - present:
+        if created:
+            output.rmdir()
+        raise WriteError(f"{output}: needs {resources.write_bytes - present} more bytes, the file system has "
+                         f"{free} free")
     metadata = {"format": "pt", STAMP_KEY: f"{LAYOUT_NAME}/{LAYOUT_VERSION}"}
     fingerprint = src.fingerprint()
     plan_fp = plan_fingerprint(shards, metadata)
+    files = source_files_identity(list(src.weight_files))
     if options.resume:
-        journal = Journal.resume(output, fingerprint, plan_fp)
+        journal = Journal.resume(output, fingerprint, files, plan_fp)
         for stale in output.glob(".*.partial"):
             stale.unlink()
     else:
-        journal = Journal.start(output, fingerprint, plan_fp)
+        journal = Journal.start(output, fingerprint, files, plan_fp)
     total = resources.write_bytes
     try:
         written = run_shards(output, shards, metadata, src.tensors, journal, options.workers,

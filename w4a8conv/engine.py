@@ -7,26 +7,30 @@ still match.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import multiprocessing
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import OutputLocationError
+from .errors import OutputLocationError, WriteError
 from .produce import produce
 from .source.reader import TensorReader
 from .source.safetensors_file import TensorRef
 from .writer import ShardPlan, WrittenShard, partial_name, write_json_atomic, write_shard
 
-__all__ = ["JOURNAL_NAME", "Journal", "run_shards", "sha256_file", "plan_fingerprint"]
+__all__ = ["JOURNAL_NAME", "Journal", "run_shards", "sha256_file", "plan_fingerprint", "source_files_identity"]
 
 JOURNAL_NAME = ".w4a8conv-journal.json"
 _HASH_BLOCK = 16 * 2**20
@@ -50,27 +54,40 @@ def plan_fingerprint(shards: list[ShardPlan], metadata: Mapping[str, str]) -> st
     return "sha256:" + digest.hexdigest()
 
 
+def source_files_identity(files: list[Path]) -> str:
+    """sha256 over each weight file's name, size, modification time and inode: the fingerprint covers
+    headers only, so this is what tells a resume that tensor bytes were edited in place."""
+    digest = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        digest.update(f"\0{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ino}".encode())
+    return "sha256:" + digest.hexdigest()
+
+
 @dataclass
 class Journal:
     """What a run has finished, keyed to the source and the plan it was made for."""
 
     path: Path
     source_fingerprint: str
+    source_files: str  # identity of the weight files' contents on disk (see `source_files_identity`)
     plan_fingerprint: str
     done: dict[str, dict]
 
     @classmethod
-    def start(cls, output: Path, source_fingerprint: str, plan_fp: str) -> "Journal":
-        journal = cls(output / JOURNAL_NAME, source_fingerprint, plan_fp, {})
+    def start(cls, output: Path, source_fingerprint: str, source_files: str, plan_fp: str) -> "Journal":
+        journal = cls(output / JOURNAL_NAME, source_fingerprint, source_files, plan_fp, {})
         journal.save()
         return journal
 
     @classmethod
-    def resume(cls, output: Path, source_fingerprint: str, plan_fp: str) -> "Journal":
+    def resume(cls, output: Path, source_fingerprint: str, source_files: str, plan_fp: str) -> "Journal":
         path = output / JOURNAL_NAME
         try:
             raw = json.loads(path.read_text())
-            journal = cls(path, raw["source_fingerprint"], raw["plan_fingerprint"], dict(raw["shards"]))
+            journal = cls(path, raw["source_fingerprint"], raw["source_files"], raw["plan_fingerprint"],
+                          {str(k): {"bytes": int(v["bytes"]), "sha256": str(v["sha256"])}
+                           for k, v in raw["shards"].items()})
         except FileNotFoundError:
             raise OutputLocationError(f"{output}: nothing to resume (no {JOURNAL_NAME}); "
                                       "start a new conversion") from None
@@ -79,6 +96,9 @@ class Journal:
         if journal.source_fingerprint != source_fingerprint:
             raise OutputLocationError(f"{output}: the source changed since the interrupted run "
                                       "(fingerprint mismatch); use --force to start over")
+        if journal.source_files != source_files:
+            raise OutputLocationError(f"{output}: the source changed since the interrupted run (its weight files "
+                                      "were modified or replaced); use --force to start over")
         if journal.plan_fingerprint != plan_fp:
             raise OutputLocationError(f"{output}: the interrupted run used other options (shard size or "
                                       "model dtype); resume with the same options or use --force")
@@ -86,6 +106,7 @@ class Journal:
 
     def save(self) -> None:
         write_json_atomic(self.path, {"source_fingerprint": self.source_fingerprint,
+                                      "source_files": self.source_files,
                                       "plan_fingerprint": self.plan_fingerprint, "shards": self.done})
 
     def record(self, shard: WrittenShard) -> None:
@@ -114,11 +135,25 @@ def _torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+_PR_SET_PDEATHSIG = 1
+
 # Worker-process state, set once by the pool initializer.
 _WORKER: dict = {}
 
 
-def _init_worker(tensors: Mapping[str, TensorRef], progress) -> None:
+def _die_with_parent(parent: int) -> None:
+    """A worker must not outlive a killed parent (it would finish and rename a shard behind a resume)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _init_worker(tensors: Mapping[str, TensorRef], progress, parent: int) -> None:
+    _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops the workers
     torch.set_num_threads(1)  # one shard per core; intra-op threads would oversubscribe
     _WORKER.update(tensors=tensors, progress=progress, reader=TensorReader())
@@ -164,17 +199,19 @@ def _run_in_workers(output: Path, todo: list[ShardPlan], metadata: dict[str, str
     progress = context.Queue()
     drain = threading.Thread(target=_drain, args=(progress, on_bytes), daemon=True)
     drain.start()
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(tensors, progress))
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                               initargs=(tensors, progress, os.getpid()))
+    running = {pool.submit(_worker_shard, output, shard, metadata): shard for shard in todo}
     try:
-        pending = {pool.submit(_worker_shard, output, shard, metadata) for shard in todo}
+        pending = set(running)
         while pending:
-            finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in finished:
                 written = future.result()  # re-raises the worker's error
-                journal.record(written)
+                journal.record(written)  # journaled as soon as it is durable, for a later --resume
                 done[written.file_name] = written
         pool.shutdown()
-    except BaseException:
+    except BaseException as exc:
         # ProcessPoolExecutor would let running shards finish; a failed or interrupted run must stop now.
         processes = list(getattr(pool, "_processes", {}).values())
         pool.shutdown(wait=False, cancel_futures=True)
@@ -182,8 +219,19 @@ def _run_in_workers(output: Path, todo: list[ShardPlan], metadata: dict[str, str
             process.terminate()
         for process in processes:
             process.join()
+        pool.shutdown(wait=True)  # joins the executor's own thread before the interpreter exits
         for shard in todo:
             (output / partial_name(shard.file_name)).unlink(missing_ok=True)
+            final = output / shard.file_name
+            if shard.file_name not in done and final.is_file():
+                # Renamed by a worker whose result never arrived: a shard only gets its final name
+                # after it was fully written and fsynced, so journal it for --resume.
+                journal.record(WrittenShard(shard.file_name, final.stat().st_size, sha256_file(final)))
+        if isinstance(exc, BrokenProcessPool):
+            unfinished = sorted(s.file_name for s in todo if s.file_name not in done)
+            raise WriteError(f"{output}: a worker process died (killed by a signal or out of memory) while "
+                             f"converting {', '.join(unfinished[:4])}; finished shards are kept: run again "
+                             "with --resume") from None
         raise
     finally:
         progress.put(None)

@@ -11,6 +11,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from .constants import CONVERTED_TYPE, DOWN_BIAS_CHUNKS, INT4_PER_INT32, SOURCE_TYPE, QuantVersion, Variant
 from .errors import InvalidCheckpointError
+from .layout import MOE_OUTPUTS, linear_tensor_specs, moe_tensor_specs
 from .source.checkpoint import DEFAULT_GROUP_SIZE, SourceCheckpoint
 from .source.safetensors_file import DTYPE_SIZES, TensorRef
 from .transforms import LINEAR_SPECS, MOE_SPECS
@@ -22,7 +23,6 @@ __all__ = [
 
 # Expert projection names per model family: (gate, up, down).
 PROJECTION_NAMES: tuple[tuple[str, str, str], ...] = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
-MOE_OUTPUTS = ("weight", "weight_scale", "scale_bias")
 _EXPERT_WEIGHT = re.compile(r"^(?P<layer>.+)\.experts\.(?P<expert>\d+)\.(?P<proj>[^.]+)\.weight$")
 _FLOAT_DTYPES = {"F32", "F16", "BF16"}
 _MOE_VARIANT = {
@@ -287,33 +287,17 @@ def _linear(check: _Checker, prefix: str) -> LinearModule:
 
 
 def _moe_outputs(layer: MoeLayer) -> list[OutputTensor]:
-    tensors = []
-    groups = lambda inp: inp // layer.group_size if layer.group_size else 1  # noqa: E731
-    for proj in layer.projections:
-        out, inp = layer.dims(proj)
-        is_down = proj == layer.projections[2]
-        shapes = {
-            "weight": ("I32", (layer.num_experts, inp, out // INT4_PER_INT32)),
-            "weight_scale": ("I64", (layer.num_experts, groups(inp), out)),
-            "scale_bias": ("F32", (layer.num_experts, out, DOWN_BIAS_CHUNKS) if is_down
-                           else (layer.num_experts, out)),
-        }
-        for output in MOE_OUTPUTS:
-            dtype, shape = shapes[output]
-            tensors.append(OutputTensor(layer.output_name(proj, output), dtype, shape,
-                                        StackExperts(layer, proj, output)))
-    return tensors
+    specs = moe_tensor_specs(layer.prefix, layer.projections, layer.num_experts, layer.hidden,
+                             layer.intermediate, layer.group_size)
+    return [OutputTensor(name, dtype, shape, StackExperts(layer, proj, output))
+            for (proj, output), (name, (dtype, shape)) in specs.items()]
 
 
 def _linear_outputs(module: LinearModule, model_dtype: str) -> list[OutputTensor]:
-    out, inp = module.out_features, module.in_features
-    shapes = {
-        "weight": ("I32", (inp, out // INT4_PER_INT32)),
-        "weight_scale_second": ("F32", (inp // module.group_size, out)),
-    }
-    bias = ("F32", (out,) if module.bias_columns == 1 else (out, module.bias_columns))
-    return [OutputTensor(f"{module.prefix}.{name}", *shapes.get(name, bias), LinearTensor(module, name, model_dtype))
-            for name in LINEAR_SPECS[module.variant].outputs]
+    specs = linear_tensor_specs(module.prefix, module.out_features, module.in_features, module.group_size,
+                                LINEAR_SPECS[module.variant].bias_name, module.bias_columns)
+    return [OutputTensor(name, dtype, shape, LinearTensor(module, output, model_dtype))
+            for output, (name, (dtype, shape)) in specs.items()]
 
 
 def make_plan(source: SourceCheckpoint) -> Plan:

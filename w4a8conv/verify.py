@@ -92,6 +92,11 @@ def _check_integrity(ckpt: NpuReadyCheckpoint, report: VerifyReport) -> dict[str
             report.problems.append(f"{ckpt.root / DESCRIPTION_NAME}: {tensor}: has no quantization type")
     for extra in sorted(set(p.name for p in ckpt.root.glob("*.safetensors")) - set(ckpt.stamp["shards"])):
         report.problems.append(f"{ckpt.root / extra}: shard not recorded in the stamp")
+    if report.ok:
+        for prefix in ckpt.stamp["modules"]:
+            problem = ckpt.module_problem(prefix)
+            if problem:
+                report.problems.append(f"{ckpt.root / DESCRIPTION_NAME}: {prefix}: {problem}")
     return stored
 
 

@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from ..constants import (DESCRIPTION_NAME, DOWN_BIAS_CHUNKS, INDEX_NAME, INT4_PER_INT32, LAYOUT_NAME,
                          LAYOUT_VERSION, STAMP_KEY)
 from ..errors import NotConvertedError, UnsupportedSplitError, UsageError
+from ..layout import TensorSpec, linear_tensor_specs, moe_tensor_specs
 
 __all__ = ["NpuReadyCheckpoint", "RankSplit"]
 
@@ -50,6 +51,42 @@ class RankSplit:
             raise refuse(f"intermediate part {part} is not a multiple of group_size {group_size}")
 
 
+_MOE_RECORD = {"kind": str, "variant": str, "num_experts": int, "projections": list, "hidden": int,
+               "intermediate": int, "group_size": int}
+_LINEAR_RECORD = {"kind": str, "variant": str, "out_features": int, "in_features": int, "group_size": int,
+                  "bias": str, "bias_columns": int}
+
+
+def _plain_name(name: str) -> bool:
+    """A file name inside the directory: no separators, no parent references."""
+    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..") and "\0" not in name
+
+
+def _stamp_problem(stamp: dict) -> str | None:
+    """What is wrong with a stamp's records, or None (types only; shapes are checked per module)."""
+    for key in ("modules", "shards", "source"):
+        if not isinstance(stamp.get(key), dict):
+            return f"stamp has no {key!r} record"
+    for name, entry in stamp["shards"].items():
+        if not _plain_name(name):
+            return f"stamp names shard {name!r}, which is not a file name in this directory"
+        if not (isinstance(entry, dict) and type(entry.get("bytes")) is int and isinstance(entry.get("sha256"), str)):
+            return f"stamp's record of shard {name} needs integer bytes and a sha256 string"
+    for prefix, record in stamp["modules"].items():
+        if not isinstance(record, dict):
+            return f"stamp's record of module {prefix} is not an object"
+        fields = _MOE_RECORD if record.get("kind") == "moe" else _LINEAR_RECORD
+        for field, kind in fields.items():
+            if not isinstance(record.get(field), kind) or (kind is int and isinstance(record.get(field), bool)):
+                return f"stamp's record of module {prefix} needs {field} ({kind.__name__})"
+        if record["kind"] not in ("moe", "linear"):
+            return f"stamp's record of module {prefix} has unknown kind {record['kind']!r}"
+        if record["kind"] == "moe" and (len(record["projections"]) != 3
+                                        or not all(isinstance(p, str) for p in record["projections"])):
+            return f"stamp's record of module {prefix} needs three projection names"
+    return None
+
+
 class NpuReadyCheckpoint:
     """A converted directory, stamp checked on open. Tensors are read lazily per request."""
 
@@ -82,13 +119,17 @@ class NpuReadyCheckpoint:
         if version != LAYOUT_VERSION:
             raise NotConvertedError(f"layout version {version!r}; this w4a8conv serves version {LAYOUT_VERSION} "
                                     "only (convert again, or upgrade w4a8conv)", file=description_file)
-        for key in ("modules", "shards", "source"):
-            if not isinstance(stamp.get(key), dict):
-                raise NotConvertedError(f"stamp has no {key!r} record", file=description_file)
+        problem = _stamp_problem(stamp)
+        if problem:
+            raise NotConvertedError(problem, file=description_file)
         try:
             weight_map = json.loads((root / INDEX_NAME).read_text())["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise NotConvertedError(f"index unreadable ({exc})", file=root / INDEX_NAME) from None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and _plain_name(v) for k, v in weight_map.items()):
+            raise NotConvertedError("weight_map is not a map of tensor names to shard file names in this directory",
+                                    file=root / INDEX_NAME)
         missing = sorted(set(stamp["shards"]) - {p.name for p in root.glob("*.safetensors")})
         if missing or set(weight_map.values()) - set(stamp["shards"]):
             raise NotConvertedError(f"shards named by the stamp are missing: {missing}" if missing else
@@ -129,7 +170,36 @@ class NpuReadyCheckpoint:
             known = sorted(p for p, m in self.stamp["modules"].items() if m.get("kind") == kind)
             raise UsageError(f"{prefix!r} is not a converted {kind} layer (known: {', '.join(known[:6]) or 'none'}"
                              f"{', ...' if len(known) > 6 else ''})")
+        problem = self.module_problem(prefix)
+        if problem:
+            raise NotConvertedError(problem, file=self.root / DESCRIPTION_NAME, tensor=prefix)
         return record
+
+    def expected_tensors(self, prefix: str) -> dict[str, TensorSpec]:
+        """Tensor name -> (dtype, shape) the stamp's record of a module implies (docs/format.md)."""
+        m = self.stamp["modules"][prefix]
+        if m["kind"] == "moe":
+            specs = moe_tensor_specs(prefix, m["projections"], m["num_experts"], m["hidden"], m["intermediate"],
+                                     m["group_size"]).values()
+        else:
+            specs = linear_tensor_specs(prefix, m["out_features"], m["in_features"], m["group_size"], m["bias"],
+                                        m["bias_columns"]).values()
+        return dict(specs)
+
+    def module_problem(self, prefix: str) -> str | None:
+        """Why the stored tensors of a module disagree with its stamp record, or None."""
+        try:
+            expected = self.expected_tensors(prefix)
+        except (ZeroDivisionError, ValueError, KeyError) as exc:
+            return f"stamp record cannot describe stored tensors ({exc})"
+        for name, (dtype, shape) in expected.items():
+            if name not in self._weight_map:
+                return f"{name} is missing"
+            stored = self._slice(name)
+            if stored.get_dtype() != dtype or tuple(stored.get_shape()) != shape:
+                return (f"{name} is stored as {stored.get_dtype()} {list(stored.get_shape())}, its stamp record "
+                        f"says {dtype} {list(shape)}")
+        return None
 
     def moe_layer(self, prefix: str, tp_size: int = 1, tp_rank: int = 0, ep_size: int = 1,
                   ep_rank: int = 0) -> dict[str, torch.Tensor]:

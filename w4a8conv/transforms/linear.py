@@ -33,6 +33,11 @@ class LinearSpec:
     packed_pairs: bool
     outputs: Mapping[str, LinearOutput]  # keyed by vllm-ascend's final parameter names
 
+    @property
+    def bias_name(self) -> str:
+        """"weight_scale_bias" ("0") or "scale_bias" ("1.0.0"): vllm-ascend names the bias by version."""
+        return next(name for name in self.outputs if name.endswith("bias"))
+
     def int4_values(self, weight: torch.Tensor) -> torch.Tensor:
         return unpack_int8_pairs_to_int4(weight, dim=0) if self.packed_pairs else weight
 

@@ -1,0 +1,508 @@
+"""Faults while writing and damage after writing: a full disk, signals at several points, a dead worker,
+a changed source under `--resume`, and converted directories the runtime must refuse.
+
+Every interrupted run is finished with `--resume` and must then be byte-identical to an uninterrupted
+run. The interruptions run the real CLI in subprocesses (tests/fault_wrapper.py injects the fault), all
+started at once by one fixture; test_engine.py already covers SIGKILL in the middle of a shard.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import namedtuple
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from w4a8conv.api import ConvertOptions, convert
+from w4a8conv.constants import DESCRIPTION_NAME, INDEX_NAME, ExitCode
+from w4a8conv.engine import JOURNAL_NAME
+from w4a8conv.errors import NotConvertedError, UnsupportedSplitError, W4A8Error
+from w4a8conv.runtime import NpuReadyCheckpoint
+from w4a8conv.verify import verify
+
+from robustness_support import (CLI_ENV, DESCRIPTION, MOE, REPO, Run, assert_clean_failure, assert_nothing_complete,
+                                build, edit_json, file_hashes, read_raw, rewrite_tensors, run_main)
+
+WRAPPER = Path(__file__).with_name("fault_wrapper.py")
+SHARD_BYTES = "40000"  # v1-multi -> 16 output shards
+OPTIONS = ("--max-shard-size", SHARD_BYTES)
+
+
+def out_shard(k: int) -> str:
+    return f"model-{k:05d}-of-00016.safetensors"
+
+
+# -- process helpers -------------------------------------------------------------------------------------
+
+
+def live_in_group(pgid: int) -> list[int]:
+    """Processes of a process group that are still running (zombies do not count)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+def wait_until(predicate, timeout: float, step: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
+@dataclass
+class Outcome:
+    """A faulted run and what its output directory held the moment it ended."""
+
+    run: Run
+    out: Path
+    files: list[str]
+    survivors_after: dict[float, list[int]] = field(default_factory=dict)  # seconds after the end -> live pids
+
+    @property
+    def partials(self) -> list[str]:
+        return [f for f in self.files if f.endswith(".partial")]
+
+
+def _snapshot(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+
+
+def run_fault(fault: str, arg: str, src: Path, out: Path, *cli_args: str, signal_when=None, signum=None,
+              to_group: bool = False, watch: tuple[float, ...] = ()) -> Outcome:
+    """Run the CLI under a fault; optionally send `signum` from outside once `signal_when(out)` holds.
+
+    The run gets its own session, so whatever it leaves running can be observed (`watch`: seconds after
+    it ended) and is then killed by its process-group id. Output goes to files: orphans may hold pipes."""
+    env = dict(CLI_ENV, W4A8_FAULT=fault, W4A8_FAULT_ARG=arg)
+    argv = [sys.executable, str(WRAPPER), "convert", str(src), str(out), *OPTIONS, *cli_args]
+    logs = out.parent / f"{out.name}.log"
+    logs.mkdir()
+    with open(logs / "stdout", "w") as stdout, open(logs / "stderr", "w") as stderr:
+        proc = subprocess.Popen(argv, stdout=stdout, stderr=stderr, env=env, cwd=REPO, start_new_session=True)
+    try:
+        if signal_when is not None:
+            assert wait_until(lambda: proc.poll() is not None or signal_when(out), 120), "trigger never came"
+            assert proc.poll() is None, "the run ended before the signal:\n" + (logs / "stderr").read_text()
+            (os.killpg if to_group else os.kill)(proc.pid, signum)
+        proc.wait(timeout=120)
+        ended = time.monotonic()
+        files = _snapshot(out)
+        if (out / JOURNAL_NAME).is_file():
+            shutil.copyfile(out / JOURNAL_NAME, out.parent / f"{out.name}.journal")
+        survivors = {}
+        for at in watch:
+            time.sleep(max(0.0, at - (time.monotonic() - ended)))
+            survivors[at] = live_in_group(proc.pid)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if live_in_group(proc.pid):  # orphaned workers of this run: stop them before anyone resumes
+            os.killpg(proc.pid, signal.SIGKILL)
+            wait_until(lambda: not live_in_group(proc.pid), 10)
+    run = Run(argv[2:], proc.returncode, (logs / "stdout").read_text(), (logs / "stderr").read_text())
+    return Outcome(run, out, files, survivors)
+
+
+def _shard_done_and_partial(out: Path) -> bool:
+    """A shard is finished (renamed into place) and a worker is in the middle of another."""
+    try:
+        names = [p.name for p in out.iterdir()]
+    except OSError:
+        return False
+    return (any(n.startswith("model-") for n in names)
+            and any(n.startswith(".model-") and n.endswith(".partial") for n in names))
+
+
+# -- fixtures ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    return build("v1-multi", tmp_path_factory.mktemp("faults") / "src")
+
+
+@pytest.fixture(scope="module")
+def reference(source, tmp_path_factory) -> dict[str, str]:
+    out = tmp_path_factory.mktemp("faults-ref") / "out"
+    convert(source, out, options=ConvertOptions(max_shard_bytes=int(SHARD_BYTES), workers=1))
+    hashes = file_hashes(out)
+    assert len([n for n in hashes if n.endswith(".safetensors")]) == 16
+    return hashes
+
+
+# name -> (fault, arg, extra CLI args, external signal: (signum, to_group) or None, seconds to watch for survivors)
+FAULTS = {
+    "enospc-shard": ("enospc-shard", "model-00003-of-00016", ("--workers", "1"), None, ()),
+    "enospc-index": ("enospc-index", "", ("--workers", "1"), None, ()),
+    "sigkill-before-record": ("sigkill-before-record", "3", ("--workers", "1"), None, ()),
+    "sigkill-before-description": ("sigkill-before-description", "", ("--workers", "1"), None, ()),
+    "sigkill-after-description": ("sigkill-after-description", "", ("--workers", "1"), None, ()),
+    "sigterm-mid-shard": ("sigterm-mid-shard", "40", ("--workers", "1"), None, ()),
+    "kill-worker": ("kill-worker", "5", ("--workers", "2"), None, (3.0,)),
+    "sigterm-parent": ("slow", "0.05", ("--workers", "2"), (signal.SIGTERM, False), (3.0,)),
+    "sigterm-group": ("slow", "0.05", ("--workers", "2"), (signal.SIGTERM, True), (3.0,)),
+    "sigkill-parent": ("slow", "0.4", ("--workers", "2"), (signal.SIGKILL, False), (1.5,)),
+}
+
+
+@pytest.fixture(scope="module")
+def faulted(source, tmp_path_factory) -> dict[str, Outcome]:
+    base = tmp_path_factory.mktemp("faulted")
+
+    def one(name: str) -> Outcome | BaseException:
+        fault, arg, args, external, watch = FAULTS[name]
+        kwargs = {}
+        if external:
+            kwargs = dict(signal_when=_shard_done_and_partial, signum=external[0], to_group=external[1])
+        try:
+            return run_fault(fault, arg, source, base / name, *args, watch=watch, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - reported by the test that uses this run
+            return exc
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = {name: pool.submit(one, name) for name in FAULTS}
+        return _Outcomes({name: f.result() for name, f in futures.items()})
+
+
+class _Outcomes(dict):
+    """A failure to run one fault fails only the tests that look at it."""
+
+    def __getitem__(self, name: str) -> Outcome:
+        value = super().__getitem__(name)
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+
+def resume_and_compare(source: Path, out: Path, reference: dict[str, str]) -> None:
+    run = run_main("convert", source, out, *OPTIONS, "--resume", "--workers", "1")
+    assert run.returncode == 0, run.describe()
+    assert file_hashes(out) == reference, "the resumed output differs from an uninterrupted run"
+    assert verify(out, source=source).ok
+
+
+# -- full disk ---------------------------------------------------------------------------------------------
+
+
+def test_enospc_in_a_shard_exit_4_names_the_shard_then_resume(faulted, source, reference):
+    o = faulted["enospc-shard"]
+    assert_clean_failure(o.run, ExitCode.IO_FAILURE, [str(o.out / out_shard(3)), "No space left on device"])
+    assert not o.partials, o.files
+    assert JOURNAL_NAME in o.files and out_shard(2) in o.files and out_shard(3) not in o.files
+    assert_nothing_complete(o.out)
+    resume_and_compare(source, o.out, reference)
+
+
+def test_enospc_writing_the_index_exit_4_then_resume(faulted, source, reference):
+    o = faulted["enospc-index"]
+    assert_clean_failure(o.run, ExitCode.IO_FAILURE, [str(o.out / INDEX_NAME), "No space left on device"])
+    assert not o.partials, o.files
+    assert INDEX_NAME not in o.files and JOURNAL_NAME in o.files
+    assert_nothing_complete(o.out)
+    resume_and_compare(source, o.out, reference)
+
+
+def test_not_enough_free_disk_is_refused_before_writing(source, tmp_path, monkeypatch):
+    import shutil as shutil_module
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda _path: usage(10**6, 10**6 - 1000, 1000))
+    out = tmp_path / "out"
+    run = run_main("convert", source, out, *OPTIONS, "--workers", "1")
+    assert_clean_failure(run, ExitCode.IO_FAILURE, [str(out), "the file system has 1000 free"])
+    assert not out.exists()
+
+
+# -- signals -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["sigkill-before-record", "sigkill-before-description"])
+def test_sigkill_then_resume_is_byte_identical(faulted, source, reference, name):
+    o = faulted[name]
+    assert o.run.returncode == -signal.SIGKILL, o.run.describe()
+    assert JOURNAL_NAME in o.files
+    assert_nothing_complete(o.out)
+    if name == "sigkill-before-description":
+        assert INDEX_NAME in o.files  # the index is written, the completion marker is not
+    with pytest.raises(W4A8Error, match="exists and is not empty"):
+        convert(source, o.out, options=ConvertOptions(max_shard_bytes=int(SHARD_BYTES), workers=1))
+    resume_and_compare(source, o.out, reference)
+
+
+def test_sigkill_after_the_description_leaves_a_complete_output(faulted, source, reference):
+    """Killed between writing the completion marker and removing the journal: complete, and resumable."""
+    o = faulted["sigkill-after-description"]
+    assert o.run.returncode == -signal.SIGKILL, o.run.describe()
+    assert DESCRIPTION_NAME in o.files and JOURNAL_NAME in o.files
+    resume_and_compare(source, o.out, reference)
+    assert not (o.out / JOURNAL_NAME).exists()
+
+
+@pytest.mark.parametrize("name", ["sigterm-mid-shard", "sigterm-parent", "sigterm-group"])
+def test_sigterm_stops_cleanly_then_resume_is_byte_identical(faulted, source, reference, name):
+    """SIGTERM (`kill`, systemd, Kubernetes) ends the run at once: exit 143 with one error line, the
+    unfinished shard removed, the journal kept, no worker left running; `--resume` finishes the job."""
+    o = faulted[name]
+    assert_clean_failure(o.run, 128 + signal.SIGTERM, ["interrupted by SIGTERM", "--resume"])
+    assert not o.partials, o.files
+    assert JOURNAL_NAME in o.files
+    for seconds, pids in o.survivors_after.items():
+        assert not pids, f"processes of the run still alive {seconds} s after it ended: {pids}"
+    assert_nothing_complete(o.out)
+    resume_and_compare(source, o.out, reference)
+
+
+@pytest.mark.parametrize("name", ["sigterm-parent", "sigterm-group"])
+def test_shards_finished_by_workers_are_journaled_before_the_run_ends(faulted, name):
+    """With --workers N, each shard must be journaled as soon as it is renamed into place, or an
+    interrupted run's finished shards are not kept by --resume (they are converted again)."""
+    o = faulted[name]
+    finished = [f for f in o.files if f.startswith("model-")]
+    assert finished, f"the signal came before any shard was finished: {o.files}"
+    # The journal as it was when the run ended (the resume in the other test rewrites it later).
+    journal = json.loads((o.out.parent / f"{o.out.name}.journal").read_text())
+    assert sorted(journal["shards"]) == finished, "finished shards are missing from the journal"
+
+
+def test_sigkill_of_the_parent_stops_its_workers(faulted, source, reference):
+    """After the parent is killed, nothing may keep writing into the output (a `--resume` started
+    right away would race the orphans): workers must die with their parent."""
+    o = faulted["sigkill-parent"]
+    assert o.run.returncode == -signal.SIGKILL, o.run.describe()
+    assert not o.survivors_after[1.5], (f"worker processes {o.survivors_after[1.5]} outlived the killed parent "
+                                        "(they finish their shard and rename it into the output)")
+    assert_nothing_complete(o.out)
+    resume_and_compare(source, o.out, reference)
+
+
+def test_a_worker_killed_by_the_oom_killer_is_an_io_failure_not_a_crash(faulted, source, reference):
+    """A worker process that dies (SIGKILL from the OOM killer) must end the run like any other
+    failure while writing: one error line, exit 4, no traceback, partial files removed; `--resume` works."""
+    o = faulted["kill-worker"]
+    assert_clean_failure(o.run, ExitCode.IO_FAILURE, ["worker"])
+    assert not o.partials, o.files
+    assert not o.survivors_after[3.0]
+    assert_nothing_complete(o.out)
+    resume_and_compare(source, o.out, reference)
+
+
+# -- resume refusals ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def interrupted(source, tmp_path, monkeypatch):
+    """An output left by a run that hit a full disk in its fourth shard (in this process)."""
+    import w4a8conv.writer as writer
+    from fault_wrapper import FullDiskOs
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(writer, "os", FullDiskOs(out_shard(4)))
+        run = run_main("convert", source, out, *OPTIONS, "--workers", "1")
+    assert_clean_failure(run, ExitCode.IO_FAILURE, [out_shard(4), "No space left on device"])
+    return out
+
+
+def _copy_source(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+def test_resume_refuses_a_changed_description(interrupted, source, tmp_path):
+    changed = _copy_source(source, tmp_path / "changed")
+    edit_json(changed / DESCRIPTION, lambda d: d.update(comment="re-exported"))
+    before = file_hashes(interrupted)
+    run = run_main("convert", changed, interrupted, *OPTIONS, "--resume", "--workers", "1")
+    assert_clean_failure(run, ExitCode.USAGE, [str(interrupted), "the source changed since the interrupted run "
+                                               "(fingerprint mismatch)"])
+    assert file_hashes(interrupted) == before
+
+
+def test_resume_refuses_changed_tensor_data_with_the_same_header(interrupted, source, tmp_path):
+    """A scale fixed in place (same header, same size) between the runs: resuming would mix shards made
+    from the old bytes with shards made from the new ones, a plausible-looking but wrong checkpoint."""
+    from w4a8conv.source import open_source
+
+    changed = _copy_source(source, tmp_path / "changed")
+    name = f"{MOE}.experts.7.down_proj.weight_scale"
+    file = next(f for f in sorted(changed.glob("*.safetensors")) if name in read_raw(f)[0])
+    size = file.stat().st_size
+
+    def change(t):
+        t[name][0, 0] *= 2
+    rewrite_tensors(file, change)
+    assert file.stat().st_size == size
+    assert open_source(changed).fingerprint() == open_source(source).fingerprint()  # headers alone cannot tell
+    run = run_main("convert", changed, interrupted, *OPTIONS, "--resume", "--workers", "1")
+    assert_clean_failure(run, ExitCode.USAGE, [str(interrupted), "source changed"])
+    assert_nothing_complete(interrupted)
+
+
+def test_resume_refuses_an_unreadable_journal(interrupted, source):
+    (interrupted / JOURNAL_NAME).write_text("{not json")
+    run = run_main("convert", source, interrupted, *OPTIONS, "--resume", "--workers", "1")
+    assert_clean_failure(run, ExitCode.USAGE, [str(interrupted / JOURNAL_NAME), "unreadable journal"])
+
+
+def test_resume_refuses_other_options(interrupted, source):
+    run = run_main("convert", source, interrupted, "--max-shard-size", "80000", "--resume", "--workers", "1")
+    assert_clean_failure(run, ExitCode.USAGE, ["the interrupted run used other options"])
+
+
+# -- the runtime and verify on damaged outputs -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("rt")
+    src = build("v1", base / "src")
+    out = base / "out"
+    convert(src, out, options=ConvertOptions(max_shard_bytes=4000, workers=1))
+    return src, out
+
+
+@pytest.fixture
+def damaged(pristine, tmp_path) -> Path:
+    target = tmp_path / "ck"
+    shutil.copytree(pristine[1], target)
+    return target
+
+
+def _moe_shard(out: Path) -> Path:
+    weight_map = json.loads((out / INDEX_NAME).read_text())["weight_map"]
+    return out / weight_map[f"{MOE}.experts.gate_proj.weight"]
+
+
+def _stamp(out: Path, change) -> None:
+    edit_json(out / DESCRIPTION_NAME, lambda d: change(d["w4a8conv"]))
+
+
+def _refused(out: Path, *reads) -> W4A8Error:
+    """open() or the first read raises a w4a8conv error (never another exception), and verify fails."""
+    with pytest.raises(W4A8Error) as caught:
+        ckpt = NpuReadyCheckpoint.open(out)
+        for read in reads:
+            read(ckpt)
+    report = verify(out)
+    assert not report.ok
+    return caught.value
+
+
+def test_runtime_truncated_shard(damaged):
+    shard_file = _moe_shard(damaged)
+    blob = shard_file.read_bytes()
+    shard_file.write_bytes(blob[: len(blob) // 2])
+    error = _refused(damaged, lambda c: c.moe_layer(MOE))
+    assert isinstance(error, NotConvertedError) and shard_file.name in str(error)
+
+
+def test_runtime_garbage_shard_header(damaged):
+    shard_file = _moe_shard(damaged)
+    blob = bytearray(shard_file.read_bytes())
+    blob[8:40] = b"\x00" * 32
+    shard_file.write_bytes(bytes(blob))
+    _refused(damaged, lambda c: c.tensor(f"{MOE}.experts.gate_proj.weight"))
+
+
+def test_runtime_tampered_shard_hash_fails_verify_exit_5(damaged):
+    first = sorted(p.name for p in damaged.glob("*.safetensors"))[0]
+    _stamp(damaged, lambda s: s["shards"][first].update(sha256="sha256:" + "0" * 64))
+    run = run_main("verify", damaged)
+    assert run.returncode == ExitCode.VERIFY_FAILED, run.describe()
+    assert f"{damaged / first}: sha256" in run.stderr and "differs from the stamp's" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s.update(layout="someone-elses-layout"), "layout 'someone-elses-layout' is not 'w4a8conv-npu-ready'"),
+    (lambda s: s.update(layout_version=2), "layout version 2; this w4a8conv serves version 1 only"),
+    (lambda s: s.update(shards=["model-00001-of-00016.safetensors"]), "stamp has no 'shards' record"),
+    (lambda s: s.update(modules=None), "stamp has no 'modules' record"),
+    (lambda s: s.clear(), "w4a8conv"),
+], ids=["foreign-layout", "future-layout-version", "shards-not-a-map", "modules-missing", "stamp-empty"])
+def test_runtime_refuses_a_tampered_stamp(damaged, change, message):
+    _stamp(damaged, change)
+    error = _refused(damaged)
+    assert isinstance(error, NotConvertedError) and message in str(error)
+
+
+def test_inspect_a_future_layout_exit_3(damaged):
+    _stamp(damaged, lambda s: s.update(layout_version=2))
+    run = run_main("inspect", damaged)
+    assert_clean_failure(run, ExitCode.INVALID_INPUT, [str(damaged / DESCRIPTION_NAME), "layout version 2"])
+
+
+def test_runtime_refuses_a_shard_outside_the_directory(damaged, tmp_path):
+    shutil.copyfile(sorted(damaged.glob("*.safetensors"))[0], tmp_path / "evil.safetensors")
+    _stamp(damaged, lambda s: s["shards"].update({"../evil.safetensors": {"bytes": 1, "sha256": "sha256:0"}}))
+    edit_json(damaged / INDEX_NAME, lambda d: d["weight_map"].update({"lm_head.weight": "../evil.safetensors"}))
+    error = _refused(damaged, lambda c: c.tensor("lm_head.weight"))
+    assert "../evil.safetensors" in str(error)
+
+
+@pytest.mark.parametrize("tp_size, ep_size, rule", [
+    (3, 1, "MoE TP size must divide 16"), (32, 1, "MoE TP size must divide 16"),
+    (1, 3, "4 experts do not split evenly over 3 EP ranks")])
+def test_runtime_refuses_a_mismatched_split(pristine, tp_size, ep_size, rule):
+    ckpt = NpuReadyCheckpoint.open(pristine[1])
+    with pytest.raises(UnsupportedSplitError, match=rule) as caught:
+        ckpt.moe_layer(MOE, tp_size=tp_size, ep_size=ep_size)
+    assert caught.value.exit_code == ExitCode.USAGE == 2
+
+
+@pytest.mark.parametrize("change", [
+    lambda m: m.update(num_experts=8), lambda m: m.update(intermediate=64), lambda m: m.update(group_size=16),
+], ids=["num_experts", "intermediate", "group_size"])
+def test_runtime_refuses_a_stamp_that_disagrees_with_the_stored_tensors(damaged, change):
+    """The module record drives the slicing: a record that does not match the stored shapes must not
+    quietly serve empty or misaligned slices, and verify must notice it."""
+    _stamp(damaged, lambda s: change(s["modules"][MOE]))
+    _refused(damaged, lambda c: c.moe_layer(MOE, tp_size=2, tp_rank=1, ep_size=2, ep_rank=1))
+
+
+@pytest.mark.parametrize("damage", [
+    lambda out: edit_json(out / INDEX_NAME, lambda d: d.update(weight_map=[])),
+    lambda out: _stamp(out, lambda s: s["modules"].update({MOE: "moe"})),
+    lambda out: _stamp(out, lambda s: s["modules"][MOE].update(projections=["gate_proj", "up_proj"])),
+    lambda out: _stamp(out, lambda s: s["shards"].update({k: "?" for k in s["shards"]})),
+], ids=["weight-map-a-list", "module-record-a-string", "two-projections", "shard-record-a-string"])
+def test_runtime_and_verify_report_malformed_records_as_errors(damaged, damage):
+    """Malformed JSON records raise w4a8conv errors from open()/moe_layer(), and verify reports them
+    instead of crashing (it promises never to raise for a damaged output)."""
+    damage(damaged)
+    try:
+        report = verify(damaged)
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"verify raised {type(exc).__name__}: {exc}")
+    assert not report.ok
+    with pytest.raises(W4A8Error):
+        NpuReadyCheckpoint.open(damaged).moe_layer(MOE)
+
+
+def test_reliability_doc_lists_every_fault():
+    doc = (REPO / "docs" / "reliability.md").read_text()
+    others = ["disk-free-precheck", "resume-changed-description", "resume-changed-tensor-data",
+              "resume-unreadable-journal", "resume-other-options", "rt-truncated-shard", "rt-garbage-header",
+              "rt-tampered-hash", "rt-foreign-layout", "rt-future-layout-version", "rt-shard-outside", "rt-split",
+              "rt-stamp-disagrees", "rt-malformed-records"]
+    assert not [name for name in [*FAULTS, *others] if f"`{name}`" not in doc]

@@ -1,0 +1,40 @@
+"""Names, dtypes and shapes of the converted tensors (layout version 1): the one place the plan, the
+runtime and `verify` take them from. See docs/format.md."""
+from __future__ import annotations
+
+from .constants import DOWN_BIAS_CHUNKS, INT4_PER_INT32
+
+__all__ = ["MOE_OUTPUTS", "TensorSpec", "moe_tensor_specs", "linear_tensor_specs"]
+
+MOE_OUTPUTS = ("weight", "weight_scale", "scale_bias")
+
+TensorSpec = tuple[str, tuple[int, ...]]  # (safetensors dtype, shape)
+
+
+def moe_tensor_specs(prefix: str, projections: tuple[str, str, str] | list[str], num_experts: int, hidden: int,
+                     intermediate: int, group_size: int) -> dict[tuple[str, str], tuple[str, TensorSpec]]:
+    """(projection, output) -> (tensor name, (dtype, shape)) for one MoE layer, experts stacked first."""
+    specs = {}
+    for proj in projections:
+        is_down = proj == projections[2]
+        out, inp = (hidden, intermediate) if is_down else (intermediate, hidden)
+        groups = inp // group_size if group_size else 1
+        shapes = {
+            "weight": ("I32", (num_experts, inp, out // INT4_PER_INT32)),
+            "weight_scale": ("I64", (num_experts, groups, out)),
+            "scale_bias": ("F32", (num_experts, out, DOWN_BIAS_CHUNKS) if is_down else (num_experts, out)),
+        }
+        for output in MOE_OUTPUTS:
+            specs[proj, output] = (f"{prefix}.experts.{proj}.{output}", shapes[output])
+    return specs
+
+
+def linear_tensor_specs(prefix: str, out_features: int, in_features: int, group_size: int,
+                        bias_name: str, bias_columns: int) -> dict[str, tuple[str, TensorSpec]]:
+    """vllm-ascend parameter name -> (tensor name, (dtype, shape)) for one W4A8 Linear layer."""
+    bias = (out_features,) if bias_columns == 1 else (out_features, bias_columns)
+    return {
+        "weight": (f"{prefix}.weight", ("I32", (in_features, out_features // INT4_PER_INT32))),
+        "weight_scale_second": (f"{prefix}.weight_scale_second", ("F32", (in_features // group_size, out_features))),
+        bias_name: (f"{prefix}.{bias_name}", ("F32", bias)),
+    }
