@@ -601,7 +601,8 @@ def _(c):
     edit_json(c.src / DESCRIPTION, lambda d: d.update({expert(1, "up_proj", "weight_scale"): "FLOAT"}))
 
 
-@case("q-linear-per-channel", "v0-channel-linear", INVALID, "{src}/" + DESCRIPTION, "model.layers.0.mlp.down_proj.weight",
+@case("q-linear-per-channel", "v0-channel-linear", INVALID, "{src}/" + DESCRIPTION,
+      "model.layers.0.mlp.down_proj.weight",
       "W4A8_DYNAMIC Linear layers are served per-group only")
 def _(c):
     pass
@@ -627,7 +628,8 @@ def _(c):
     (c.sandbox / "link").symlink_to(c.src, target_is_directory=True)
 
 
-@case("env-output-contains-source", "v1", USAGE, "{sandbox}: the output directory must not contain the source directory", out=lambda c: c.sandbox)
+@case("env-output-contains-source", "v1", USAGE,
+      "{sandbox}: the output directory must not contain the source directory", out=lambda c: c.sandbox)
 def _(c):
     pass
 
