@@ -6,7 +6,6 @@ all invocations concurrently once (fixture `runs`); the tests then only look at 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -19,8 +18,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from robustness_support import edit_json, rewrite_tensors, tree_digest
 from w4a8conv.constants import ExitCode
 from w4a8conv.synthetic import PRESETS, write_checkpoint
 
@@ -44,25 +44,6 @@ def cli(*args: str | Path, cwd: Path | None = None) -> Run:
     return Run(argv, proc.returncode, proc.stdout, proc.stderr)
 
 
-def rewrite_tensor(root: Path, file_name: str, change) -> None:
-    """Load one safetensors file, let `change(tensors)` edit the dict, write it back."""
-    path = root / file_name
-    tensors = load_file(str(path))
-    change(tensors)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
-
-
-def edit_json(path: Path, change) -> None:
-    data = json.loads(path.read_text())
-    change(data)
-    path.write_text(json.dumps(data, indent=2))
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 def header_bytes(root: Path) -> int:
     total = 0
     for f in root.glob("*.safetensors"):
@@ -84,17 +65,17 @@ CHANNEL_V0_FILE = "quant_model_weights.safetensors"       # moe-channel-v0
 def _int4_nine(root: Path) -> None:
     def change(t):
         t[f"{MOE}.experts.3.down_proj.weight"][5, 7] = 9
-    rewrite_tensor(root, CHANNEL_V0_FILE, change)
+    rewrite_tensors(root / CHANNEL_V0_FILE, change)
 
 
 def _offset(root: Path) -> None:
     def change(t):
         t[f"{MOE}.experts.2.up_proj.weight_offset"][4, 0] = 0.5
-    rewrite_tensor(root, V0_FILE, change)
+    rewrite_tensors(root / V0_FILE, change)
 
 
 def _missing_second(root: Path) -> None:
-    rewrite_tensor(root, V0_FILE, lambda t: t.pop(f"{MOE}.experts.5.gate_proj.weight_scale_second"))
+    rewrite_tensors(root / V0_FILE, lambda t: t.pop(f"{MOE}.experts.5.gate_proj.weight_scale_second"))
 
 
 def _untyped(root: Path) -> None:
