@@ -14,32 +14,31 @@ import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 
 from w4a8conv.constants import Variant
 from w4a8conv.errors import UsageError
+from w4a8conv.numerics import (BF16, U16, Fp32Forward, crest, dequantized_experts, error_bound, fp32_forward,
+                               fp_budget, make_inputs, relative_error, swiglu_gain)
 from w4a8conv.runtime import MoELayer, NpuReadyCheckpoint
 from w4a8conv.runtime.reference import (dynamic_quant, grouped_matmul_a8w4, kernel_scale, msd_split, route,
                                         swiglu)
 from w4a8conv.source import TensorReader, open_source
 from w4a8conv.synthetic import PRESETS
 from w4a8conv.transforms.int4 import pack_int4_to_int32
-from w4a8conv.transforms.moe import MOE_SPECS
 from w4a8conv.transforms.scales import decode_int64_to_fp32, encode_fp32_bits_as_int64
 
 # ---------------------------------------------------------------------------------------------
 # the bound
 
-U16, BF16 = 2.0 ** -11, 2.0 ** -9   # unit roundoff of fp16 and bf16 (round to nearest)
 C1_MAX = 3.5       # crest factor of the hidden states (premise, checked on the inputs)
 C2_MAX = 10.5      # crest factor of the swiglu output (premise, checked on the fp32 reference)
 GAMMA_MAX = 1.6    # swiglu's gain on a relative perturbation of its input (premise, checked)
 GROUPS_MAX = 12    # scale groups of gmm1 plus gmm2 (premise, checked on the layer)
-FP_BUDGET = 2 * 2.0 ** -10 + 2 * 2.0 ** -8 + (GROUPS_MAX + 2) * U16 + 4 * BF16
-BOUND = (GAMMA_MAX * C1_MAX + C2_MAX) / 254 + FP_BUDGET
+FP_BUDGET = fp_budget(GROUPS_MAX)
+BOUND = error_bound(C1_MAX, C2_MAX, GAMMA_MAX, GROUPS_MAX)
 
 
 def test_bound_derivation():
@@ -89,86 +88,8 @@ def test_bound_derivation():
 TOKENS, TOP_K = 64, 2
 
 
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.double() - want.double()).norm() / want.double().norm())
-
-
 def moe_layers(ckpt: NpuReadyCheckpoint) -> list[tuple[str, dict]]:
     return sorted((p, m) for p, m in ckpt.stamp["modules"].items() if m["kind"] == "moe")
-
-
-_SOURCE_CACHE: dict[tuple[Path, str], dict[str, torch.Tensor]] = {}
-
-
-def source_weights(source_dir: Path, prefix: str, record: dict) -> dict[str, torch.Tensor]:
-    """proj -> fp32 [E, out, in]: int4 values x weight_scale_second (per group) x weight_scale."""
-    key = (source_dir, prefix)
-    if key not in _SOURCE_CACHE:
-        src = open_source(source_dir)
-        spec = MOE_SPECS[Variant(record["variant"])]
-        weights = {}
-        with TensorReader() as reader:
-            for proj in record["projections"]:
-                experts = []
-                for e in range(record["num_experts"]):
-                    base = f"{prefix}.experts.{e}.{proj}."
-                    w = spec.int4_values(reader.load(src.tensors[base + "weight"])).to(torch.float32)
-                    if spec.per_group:
-                        second = reader.load(src.tensors[base + "weight_scale_second"]).to(torch.float32)
-                        out, inp = w.shape
-                        groups = second.shape[1]
-                        w = (w.reshape(out, groups, inp // groups) * second[:, :, None]).reshape(out, inp)
-                    channel = reader.load(src.tensors[base + "weight_scale"]).to(torch.float32)
-                    experts.append(w * channel.reshape(-1, 1))
-                weights[proj] = torch.stack(experts)
-        _SOURCE_CACHE[key] = weights
-    return _SOURCE_CACHE[key]
-
-
-def make_inputs(hidden: int, experts: int, seed: int = 0):
-    """bf16 N(0, 1) hidden states, k distinct random experts per token, softmax weights."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(TOKENS, hidden, generator=gen).to(torch.bfloat16)
-    ids = torch.rand(TOKENS, experts, generator=gen).argsort(dim=1)[:, :TOP_K]
-    weights = torch.softmax(torch.randn(TOKENS, TOP_K, generator=gen), dim=1)
-    return x, ids, weights
-
-
-@dataclass
-class Fp32Forward:
-    y: torch.Tensor   # [T, H]
-    a: torch.Tensor   # gate pre-activations of every routed copy
-    b: torch.Tensor   # up
-    z: torch.Tensor   # swiglu output
-
-
-def fp32_forward(weights: dict[str, torch.Tensor], projections, x, ids, topk_weights) -> Fp32Forward:
-    gate, up, down = (weights[p] for p in projections)
-    xf = x.to(torch.float32)
-    y = torch.zeros(xf.shape)
-    a_all, b_all, z_all = [], [], []
-    for e in range(gate.shape[0]):
-        token, j = torch.nonzero(ids == e, as_tuple=True)
-        if not len(token):
-            continue
-        a, b = xf[token] @ gate[e].T, xf[token] @ up[e].T
-        z = torch.nn.functional.silu(a) * b
-        y.index_add_(0, token, (z @ down[e].T) * topk_weights[token, j, None].to(torch.float32))
-        a_all.append(a), b_all.append(b), z_all.append(z)
-    return Fp32Forward(y, torch.cat(a_all), torch.cat(b_all), torch.cat(z_all))
-
-
-def crest(z: torch.Tensor) -> float:
-    """√(n·Σ_t amax_t²)/‖z‖: the quantization of rows of z moves it by at most crest/254 relatively."""
-    return float((z.shape[1] * z.abs().amax(dim=1).pow(2).sum()).sqrt() / z.norm())
-
-
-def swiglu_gain(a: torch.Tensor, b: torch.Tensor) -> float:
-    s = torch.sigmoid(a)
-    silu, dsilu = a * s, s * (1 + a * (1 - s))
-    num = (a.pow(2).mean(dim=1, keepdim=True) * dsilu.pow(2) * b.pow(2)
-           + b.pow(2).mean(dim=1, keepdim=True) * silu.pow(2)).sum()
-    return float((num / (silu * b).pow(2).sum()).sqrt())
 
 
 @dataclass
@@ -199,8 +120,11 @@ def cases(converted):
             ckpt = NpuReadyCheckpoint.open(output)
             found = []
             for prefix, record in moe_layers(ckpt):
-                x, ids, weights = make_inputs(record["hidden"], record["num_experts"])
-                ref = fp32_forward(source_weights(source, prefix, record), record["projections"], x, ids, weights)
+                x, ids, weights = make_inputs(record["hidden"], record["num_experts"], tokens=TOKENS, top_k=TOP_K)
+                experts = range(record["num_experts"])
+                with TensorReader() as reader:
+                    source_weights = dequantized_experts(open_source(source), reader, prefix, record, experts)
+                ref = fp32_forward(source_weights, record["projections"], x, ids, weights)
                 found.append(Case(ckpt, prefix, record, x, ids, weights, ref))
             assert found, f"{name}: no converted MoE layer"
             cache[name] = found

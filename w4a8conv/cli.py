@@ -201,14 +201,21 @@ def inspect(
 def verify(
     path: Annotated[Path, typer.Argument(help="Converted directory.")],
     source: Annotated[Optional[Path], typer.Option(help="Also compare decoded tensors with this source.")] = None,
-    sample: Annotated[int, typer.Option(min=1, help="Experts per MoE layer compared with --source.")] = 2,
+    sample: Annotated[int, typer.Option(min=1, help="Experts per MoE layer compared with --source "
+                                                    "(and MoE layers run with --numerics).")] = 2,
     all_tensors: Annotated[bool, typer.Option("--all", help="Compare every expert and tensor.")] = False,
+    numerics: Annotated[bool, typer.Option(
+        "--numerics", help="Also run sampled MoE layers through the reference backend and compare with an "
+                           "fp32 forward of --source (relative error per layer, against its bound).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Check shards, hashes, index and stamp (and, with --source, the values); exit 5 on any problem."""
     from .verify import verify as run
 
-    report = run(path, source=source, sample=None if all_tensors else sample)
+    if numerics and source is None:
+        raise typer.BadParameter("--numerics needs --source (the checkpoint it was converted from)",
+                                 param_hint="--numerics")
+    report = run(path, source=source, sample=None if all_tensors else sample, numerics=numerics)
     summary = report.summary()
     if as_json:
         out.print_json(json.dumps(summary))
@@ -217,8 +224,31 @@ def verify(
         out.print(f"{'ok' if report.ok else 'FAILED'}: {summary['shards_checked']} shard(s), "
                   f"{_human(summary['bytes_hashed'])} hashed, {summary['tensors_compared']} tensors compared"
                   + (f"; worst relative error: {worst}" if worst else ""))
+        for layer in report.numerics:
+            out.print(f"numerics {layer.prefix}: relative error {layer.error:.2%}, bound {layer.bound:.2%} "
+                      f"({'ok' if layer.ok else 'FAILED'}; experts [{layer.expert_start}, "
+                      f"{layer.expert_start + layer.experts}), {layer.tokens} tokens, top-{layer.top_k})")
     for problem in report.problems:
         err.print(f"problem: {problem}", markup=False, soft_wrap=True)
+    if not report.ok:
+        raise typer.Exit(int(ExitCode.VERIFY_FAILED))
+
+
+@app.command()
+def selfcheck(as_json: JsonOpt = False) -> None:
+    """Compare torch_npu's int4 packing and A8W4 kernels with the CPU code (skipped without torch_npu);
+    exit 5 when a check fails."""
+    from .selfcheck import run_selfcheck
+
+    report = run_selfcheck()
+    if as_json:
+        out.print_json(json.dumps(report.summary()))
+    else:
+        for item in report.items:
+            out.print(f"{item.status:7} {item.name}: {item.checks}", markup=False, soft_wrap=True)
+            out.print(f"        {item.detail}", markup=False, soft_wrap=True)
+        skipped = sum(item.status == "skipped" for item in report.items)
+        out.print(("ok" if report.ok else "FAILED") + (f" ({skipped} skipped)" if skipped else ""))
     if not report.ok:
         raise typer.Exit(int(ExitCode.VERIFY_FAILED))
 

@@ -3,6 +3,8 @@
 Integrity needs no tensor in memory: every shard is hashed in 16 MiB blocks and its header is
 checked against its size, the index and the stamp. Fidelity (`source=`) decodes a sample of the
 converted tensors (unpack int4, decode int64 scales) and compares them with the source's values.
+Numerics (`numerics=True`, needs the source) runs sampled MoE layers through the reference backend
+and an fp32 forward of the source and compares the error with its bound (`numerics.py`).
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import torch
 
 from .constants import DESCRIPTION_NAME, DOWN_BIAS_CHUNKS, INDEX_NAME
 from .engine import sha256_file
-from .errors import InvalidCheckpointError, W4A8Error
+from .errors import InvalidCheckpointError, UsageError, W4A8Error
+from .numerics import LayerNumerics, check_numerics
 from .plan import CopyBytes, make_plan
 from .runtime import NpuReadyCheckpoint
 from .source import TensorReader, open_source
@@ -36,6 +39,7 @@ class VerifyReport:
     bytes_hashed: int = 0
     tensors_compared: int = 0
     worst: dict[str, float] = field(default_factory=dict)  # kind -> worst relative error seen
+    numerics: list[LayerNumerics] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -47,7 +51,8 @@ class VerifyReport:
     def summary(self) -> dict:
         return {"path": str(self.path), "ok": self.ok, "problems": self.problems,
                 "shards_checked": self.shards_checked, "bytes_hashed": self.bytes_hashed,
-                "tensors_compared": self.tensors_compared, "worst_relative_error": self.worst}
+                "tensors_compared": self.tensors_compared, "worst_relative_error": self.worst,
+                "numerics": [layer.as_dict() for layer in self.numerics]}
 
 
 def _check_integrity(ckpt: NpuReadyCheckpoint, report: VerifyReport) -> dict[str, TensorRef]:
@@ -171,12 +176,13 @@ def _sample_experts(count: int, sample: int | None, rng: random.Random) -> list[
 
 
 def _check_fidelity(ckpt: NpuReadyCheckpoint, source_dir: Path, stored: dict[str, TensorRef],
-                    report: VerifyReport, sample: int | None, seed: int) -> None:
+                    report: VerifyReport, sample: int | None, seed: int) -> bool:
+    """Compare decoded tensors with the source; False when `source_dir` is not the source."""
     src = open_source(source_dir, model_dtype=ckpt.stamp["source"].get("model_dtype"))
     if src.fingerprint() != ckpt.stamp["source"]["fingerprint"]:
         report.problems.append(f"{source_dir}: is not the checkpoint this output was converted from "
                                "(source fingerprint differs from the stamp's)")
-        return
+        return False
     plan = make_plan(src)
     rng = random.Random(seed)
     with TensorReader() as reader, TensorReader() as source_reader:
@@ -227,14 +233,29 @@ def _check_fidelity(ckpt: NpuReadyCheckpoint, source_dir: Path, stored: dict[str
                 report.problems.append(f"{tensor.name}: passed-through tensor missing or reshaped")
             elif reader.read_bytes(ref) != source_reader.read_bytes(tensor.recipe.ref):
                 report.problems.append(f"{tensor.name}: passed-through bytes differ from the source")
+    return True
+
+
+def _check_numerics(ckpt: NpuReadyCheckpoint, source_dir: Path, report: VerifyReport, layers: int | None,
+                    seed: int) -> None:
+    report.numerics = check_numerics(ckpt, source_dir, layers=layers, seed=seed)
+    for layer in report.numerics:
+        report.note_error("numerics", layer.error)
+        if not layer.ok:
+            report.problems.append(layer.problem())
 
 
 def verify(path: Path | str, *, source: Path | str | None = None, sample: int | None = 2,
-           seed: int = 0) -> VerifyReport:
-    """Check a converted directory; with `source`, also decode `sample` experts per layer (None: all).
+           seed: int = 0, numerics: bool = False) -> VerifyReport:
+    """Check a converted directory; with `source`, also decode `sample` experts per layer (None: all);
+    with `numerics` as well, run `sample` MoE layers (None: all) through the reference backend
+    against the source's fp32 forward (`report.numerics`, `report.worst["numerics"]`).
 
-    Never raises for a damaged output: every finding is in `report.problems`.
+    Never raises for a damaged output: every finding is in `report.problems`. `numerics` without
+    `source` is a `UsageError`.
     """
+    if numerics and source is None:
+        raise UsageError("the numerics check needs the source checkpoint (source=...)")
     path = Path(path)
     report = VerifyReport(path)
     try:
@@ -245,7 +266,9 @@ def verify(path: Path | str, *, source: Path | str | None = None, sample: int | 
     stored = _check_integrity(ckpt, report)
     if source is not None and report.ok:
         try:
-            _check_fidelity(ckpt, Path(source), stored, report, sample, seed)
+            # Numerics runs even when fidelity found differences: its errors say how much they matter.
+            if _check_fidelity(ckpt, Path(source), stored, report, sample, seed) and numerics:
+                _check_numerics(ckpt, Path(source), report, sample, seed)
         except W4A8Error as exc:
             report.problems.append(str(exc))
     return report
