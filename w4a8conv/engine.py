@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .errors import OutputLocationError, WriteError
-from .produce import produce
+from .produce import produce, source_names
 from .source.reader import TensorReader
 from .source.safetensors_file import TensorRef
 from .writer import ShardPlan, WrittenShard, partial_name, write_json_atomic, write_shard
@@ -152,15 +152,16 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _init_worker(tensors: Mapping[str, TensorRef], progress, parent: int) -> None:
+def _init_worker(progress, parent: int) -> None:
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops the workers
     torch.set_num_threads(1)  # one shard per core; intra-op threads would oversubscribe
-    _WORKER.update(tensors=tensors, progress=progress, reader=TensorReader())
+    _WORKER.update(progress=progress, reader=TensorReader())
 
 
-def _worker_shard(output: Path, shard: ShardPlan, metadata: dict[str, str]) -> WrittenShard:
-    return _write(output, shard, metadata, _WORKER["reader"], _WORKER["tensors"], _WORKER["progress"].put)
+def _worker_shard(output: Path, shard: ShardPlan, metadata: dict[str, str],
+                  tensors: Mapping[str, TensorRef]) -> WrittenShard:
+    return _write(output, shard, metadata, _WORKER["reader"], tensors, _WORKER["progress"].put)
 
 
 def _write(output: Path, shard: ShardPlan, metadata: dict[str, str], reader: TensorReader,
@@ -200,8 +201,12 @@ def _run_in_workers(output: Path, todo: list[ShardPlan], metadata: dict[str, str
     drain = threading.Thread(target=_drain, args=(progress, on_bytes), daemon=True)
     drain.start()
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                               initargs=(tensors, progress, os.getpid()))
-    running = {pool.submit(_worker_shard, output, shard, metadata): shard for shard in todo}
+                               initargs=(progress, os.getpid()))
+    # Each task carries only the source references its shard reads: the whole map of a 600 GB model
+    # is ~300k references (~35 MB pickled), too much to send to every worker.
+    running = {pool.submit(_worker_shard, output, shard, metadata,
+                           {n: tensors[n] for t in shard.tensors for n in source_names(t)}): shard
+               for shard in todo}
     try:
         pending = set(running)
         while pending:

@@ -21,7 +21,7 @@ from .transforms.rules import (finite_violation, fp16_overflow_violation, int4_r
                                zero_violation)
 from .transforms.scales import fuse_group_scales_fp16, round_to_dtype
 
-__all__ = ["produce", "check_small_tensors", "COPY_CHUNK_BYTES"]
+__all__ = ["produce", "source_names", "check_small_tensors", "COPY_CHUNK_BYTES"]
 
 COPY_CHUNK_BYTES = 64 * 2**20
 
@@ -91,6 +91,17 @@ def _linear(tensor: OutputTensor, recipe: LinearTensor, reader: TensorReader,
 
 
 _PRODUCERS = {CopyBytes: _copy, StackExperts: _stack, LinearTensor: _linear}
+
+
+def source_names(tensor: OutputTensor) -> list[str]:
+    """The source tensors `produce` reads for this output tensor."""
+    recipe = tensor.recipe
+    if isinstance(recipe, CopyBytes):
+        return [recipe.ref.name]
+    if isinstance(recipe, StackExperts):
+        needs = MOE_SPECS[recipe.layer.variant].outputs[recipe.output].needs
+        return [recipe.layer.source_name(e, recipe.proj, s) for e in range(recipe.layer.num_experts) for s in needs]
+    return [recipe.module.source_name(s) for s in LINEAR_SPECS[recipe.module.variant].outputs[recipe.output].needs]
 
 
 def produce(tensor: OutputTensor, reader: TensorReader, tensors: Mapping[str, TensorRef]) -> Iterator[memoryview]:
