@@ -43,12 +43,14 @@ def _parse_size(text: str) -> int:
     return int(value)
 
 
-def _human(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+def _human(n: float) -> str:
+    if n < 1000:
+        return f"{n:.0f} B"
+    for unit in ("KB", "MB", "GB"):
         n /= 1000
-    raise AssertionError
+        if n < 1000:
+            return f"{n:.2f} {unit}"
+    return f"{n / 1000:.2f} TB"
 
 
 class _Progress:

@@ -36,6 +36,7 @@ from .transforms.moe import MOE_SPECS
 __all__ = [
     "U16", "BF16", "fp_budget", "error_bound", "relative_error", "crest", "swiglu_gain", "make_inputs",
     "dequantized_experts", "Fp32Forward", "fp32_forward", "LayerNumerics", "check_layer", "check_numerics",
+    "open_matching_source",
 ]
 
 U16, BF16 = 2.0 ** -11, 2.0 ** -9   # unit roundoff of fp16 and bf16 (round to nearest)
@@ -203,17 +204,24 @@ def check_layer(ckpt: NpuReadyCheckpoint, src: SourceCheckpoint, reader: TensorR
                          error_bound(c1, c2, gamma, groups))
 
 
-def check_numerics(ckpt: NpuReadyCheckpoint, source_dir: Path | str, *, layers: int | None = None,
-                   tokens: int = 64, top_k: int = 2, max_experts: int = 8, seed: int = 0) -> list[LayerNumerics]:
-    """Check `layers` seeded-random MoE layers of a converted checkpoint (None: every one) against
-    the source it was converted from; one `LayerNumerics` per layer, in layer order.
-
-    Raises `InvalidCheckpointError` when `source_dir` is not that source (fingerprint).
-    """
+def open_matching_source(ckpt: NpuReadyCheckpoint, source_dir: Path | str) -> SourceCheckpoint:
+    """The source `ckpt` was converted from, opened as the conversion read it; refuses any other."""
     src = open_source(source_dir, model_dtype=ckpt.stamp["source"].get("model_dtype"))
     if src.fingerprint() != ckpt.stamp["source"]["fingerprint"]:
         raise InvalidCheckpointError("is not the checkpoint this output was converted from (source fingerprint "
                                      "differs from the stamp's)", file=source_dir)
+    return src
+
+
+def check_numerics(ckpt: NpuReadyCheckpoint, source: Path | str | SourceCheckpoint, *, layers: int | None = None,
+                   tokens: int = 64, top_k: int = 2, max_experts: int = 8, seed: int = 0) -> list[LayerNumerics]:
+    """Check `layers` seeded-random MoE layers of a converted checkpoint (None: every one) against
+    the source it was converted from; one `LayerNumerics` per layer, in layer order.
+
+    A path is opened with `open_matching_source` (`InvalidCheckpointError` for another source); an
+    already opened `SourceCheckpoint` is taken as that source.
+    """
+    src = source if isinstance(source, SourceCheckpoint) else open_matching_source(ckpt, source)
     prefixes = sorted((p for p, m in ckpt.stamp["modules"].items() if m["kind"] == "moe"), key=natural_key)
     if layers is not None and layers < len(prefixes):
         prefixes = sorted(random.Random(seed).sample(prefixes, layers), key=natural_key)

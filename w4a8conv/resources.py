@@ -7,9 +7,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .plan import CopyBytes, LinearTensor, OutputTensor, Plan, StackExperts
-from .produce import COPY_CHUNK_BYTES
-from .transforms import LINEAR_SPECS, MOE_SPECS
+from .plan import CopyBytes, OutputTensor, Plan, StackExperts
+from .produce import COPY_CHUNK_BYTES, source_names
 from .writer import ShardPlan
 
 __all__ = ["ResourcePlan", "estimate_resources", "free_disk_bytes", "BASELINE_RSS_BYTES"]
@@ -46,17 +45,15 @@ def _working_set(plan: Plan, tensor: OutputTensor) -> int:
     recipe = tensor.recipe
     if isinstance(recipe, CopyBytes):
         return min(COPY_CHUNK_BYTES, tensor.nbytes)
+    names = source_names(tensor)
     if isinstance(recipe, StackExperts):
-        names = [recipe.layer.source_name(0, recipe.proj, s)
-                 for s in MOE_SPECS[recipe.layer.variant].outputs[recipe.output].needs]
-        piece = tensor.nbytes // max(1, recipe.layer.num_experts)
+        pieces = max(1, recipe.layer.num_experts)  # experts are produced one at a time
         out, inp = recipe.layer.dims(recipe.proj)
     else:
-        assert isinstance(recipe, LinearTensor)
-        names = [recipe.module.source_name(s) for s in LINEAR_SPECS[recipe.module.variant].outputs[recipe.output].needs]
-        piece = tensor.nbytes
+        pieces = 1
         out, inp = recipe.module.out_features, recipe.module.in_features
-    loaded = sum(plan.source.tensors[n].nbytes for n in names)
+    loaded = sum(plan.source.tensors[n].nbytes for n in names) // pieces
+    piece = tensor.nbytes // pieces
     reads_weight = any(n.endswith(".weight") for n in names)
     per_element = (_BIAS_BYTES_PER_ELEMENT if recipe.output.endswith("bias") else _PACK_BYTES_PER_ELEMENT)
     return loaded + piece + (per_element * out * inp if reads_weight else 2 * loaded)
