@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .api import ConvertOptions, convert
+from .errors import UsageError
 from .numerics import check_layer
 from .runtime import NpuReadyCheckpoint, moe
 from .source import TensorReader, open_source
@@ -141,13 +142,9 @@ def _check_moe_layer() -> CheckItem:
 def _torch_npu():
     """(torch_npu, None) or (None, why the device checks are skipped)."""
     try:
-        import torch_npu  # lazily: only hosts with CANN have it
-    except Exception as exc:  # noqa: BLE001 - a broken CANN install fails in many ways, not only ImportError
-        return None, f"torch_npu not importable (needs CANN): {type(exc).__name__}: {exc}"
-    npu = getattr(torch, "npu", None)
-    if npu is None or not npu.is_available():
-        return None, "torch_npu is importable but no NPU device is available"
-    return torch_npu, None
+        return moe.load_torch_npu(), None
+    except UsageError as exc:
+        return None, str(exc)
 
 
 def run_selfcheck() -> SelfcheckReport:

@@ -20,7 +20,7 @@ from ..errors import UsageError
 from .checkpoint import NpuReadyCheckpoint, RankSplit
 from .reference import REFERENCE_OPS, KernelOps, moe_forward
 
-__all__ = ["MoELayer", "BACKENDS", "TENSOR_NAMES"]
+__all__ = ["MoELayer", "BACKENDS", "TENSOR_NAMES", "load_torch_npu"]
 
 BACKENDS = ("reference", "npu")
 TENSOR_NAMES = ("w13_weight", "w13_weight_scale", "w13_scale_bias", "w2_weight", "w2_weight_scale", "w2_scale_bias")
@@ -28,22 +28,24 @@ ACL_FORMAT_FRACTAL_NZ = 29
 NPU_DEVICE = "npu"  # where the "npu" backend puts its tensors (tests substitute a stub torch_npu on "cpu")
 
 
-def _load_torch_npu():
-    """Import torch_npu or raise a UsageError that names what is missing."""
+def load_torch_npu():
+    """torch_npu, imported now; a `UsageError` saying what is missing (CANN, or an NPU device)."""
     try:
-        import torch_npu  # lazily: only the "npu" backend needs it
-    except ImportError as exc:
-        raise UsageError(f"MoELayer backend 'npu' needs torch_npu (Ascend's PyTorch adapter) and an Ascend "
-                         f"NPU; torch_npu cannot be imported here ({exc}). Install torch_npu with its CANN "
-                         "toolkit, or use backend='reference' for the CPU emulation.") from None
-    except Exception as exc:  # noqa: BLE001 - a broken CANN install fails in many ways
-        raise UsageError(f"MoELayer backend 'npu': importing torch_npu failed ({type(exc).__name__}: {exc}); "
-                         "check the CANN toolkit, or use backend='reference'.") from None
+        import torch_npu  # lazily: only hosts with CANN have it
+    except Exception as exc:  # noqa: BLE001 - a broken CANN install fails in many ways, not only ImportError
+        raise UsageError(f"torch_npu not importable (needs CANN): {type(exc).__name__}: {exc}") from None
     npu = getattr(torch, "npu", None)
     if npu is None or not npu.is_available():
-        raise UsageError("MoELayer backend 'npu': torch_npu is installed but no NPU device is available; "
-                         "use backend='reference' for the CPU emulation.")
+        raise UsageError("torch_npu is importable but no NPU device is available")
     return torch_npu
+
+
+def _npu_backend_torch_npu():
+    try:
+        return load_torch_npu()
+    except UsageError as exc:
+        raise UsageError(f"MoELayer backend 'npu' needs torch_npu and an Ascend NPU ({exc}); install torch_npu "
+                         "with its CANN toolkit, or use backend='reference' for the CPU emulation") from None
 
 
 def _npu_ops(torch_npu) -> KernelOps:
@@ -87,7 +89,7 @@ class MoELayer(torch.nn.Module):
         self.split = split or RankSplit()
         self.prefix = prefix
         if backend == "npu":
-            torch_npu = _load_torch_npu()
+            torch_npu = _npu_backend_torch_npu()
             self._ops = _npu_ops(torch_npu)
             tensors = {name: t.to(NPU_DEVICE) for name, t in tensors.items()}
             # vllm-ascend casts the int8 bytes to NZ and then views them as int32; NZ blocks are 32
@@ -110,7 +112,7 @@ class MoELayer(torch.nn.Module):
         if backend not in BACKENDS:
             raise UsageError(f"unknown MoELayer backend {backend!r} (choose from {', '.join(BACKENDS)})")
         if backend == "npu":
-            _load_torch_npu()  # fail before reading any tensor
+            _npu_backend_torch_npu()  # fail before reading any tensor
         tensors = ckpt.moe_layer(prefix, tp_size=tp_size, tp_rank=tp_rank, ep_size=ep_size, ep_rank=ep_rank)
         experts = ckpt.stamp["modules"][prefix]["num_experts"]
         return cls(tensors, num_experts=experts, expert_start=ep_rank * (experts // ep_size), backend=backend,
