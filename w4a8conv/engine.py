@@ -12,6 +12,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import queue as queue_module
 import signal
 import sys
 import threading
@@ -198,7 +199,8 @@ def _run_in_workers(output: Path, todo: list[ShardPlan], metadata: dict[str, str
     once and their unfinished `.partial` files removed, while finished shards stay journaled."""
     context = multiprocessing.get_context("spawn")
     progress = context.Queue()
-    drain = threading.Thread(target=_drain, args=(progress, on_bytes), daemon=True)
+    stop_draining = threading.Event()
+    drain = threading.Thread(target=_drain, args=(progress, on_bytes, stop_draining), daemon=True)
     drain.start()
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                                initargs=(progress, os.getpid()))
@@ -239,10 +241,16 @@ def _run_in_workers(output: Path, todo: list[ShardPlan], metadata: dict[str, str
                              "with --resume") from None
         raise
     finally:
-        progress.put(None)
+        stop_draining.set()
         drain.join()
 
 
-def _drain(queue, on_bytes: Callable[[int], None]) -> None:
-    while (n := queue.get()) is not None:
-        on_bytes(n)
+def _drain(queue, on_bytes: Callable[[int], None], stop: threading.Event) -> None:
+    """Report workers' progress until stopped and drained. No sentinel through the queue: a worker
+    killed while writing to it leaves its cross-process write lock held, and a put would block forever."""
+    while True:
+        try:
+            on_bytes(queue.get(timeout=0.05))
+        except queue_module.Empty:
+            if stop.is_set():
+                return
