@@ -208,7 +208,7 @@ def test_convert_json_then_inspect(runs):
     description = json.loads((src / "quant_model_description.json").read_text())
     passthrough = sum(1 for n in load_file(str(src / CHANNEL_V0_FILE)) if description[n] != "W4A8_DYNAMIC")
     assert summary["tensors_passed_through"] == passthrough
-    assert summary["tensors"] == passthrough + 9  # 3 projections x (weight, weight_scale, scale_bias)
+    assert summary["tensors"] == passthrough + 9 * 8  # 8 experts x 3 projections x (weight, weight_scale, scale_bias)
     assert len(summary["warnings"]) == 1 and "per-channel" in summary["warnings"][0]
     assert summary["peak_rss_bytes"] > 0 and summary["workers"] >= 1
     assert isinstance(summary["seconds"], (int, float)) and summary["seconds"] >= 0
@@ -217,7 +217,7 @@ def test_convert_json_then_inspect(runs):
     assert inspect_human.returncode == 0, describe(inspect_human)
     text = inspect_human.stdout
     assert re.search(r"^kind\s+converted\s*$", text, re.M), text
-    assert re.search(r"^layout\s+w4a8conv-npu-ready/1\s*$", text, re.M), text
+    assert re.search(r"^layout\s+w4a8conv-npu-ready/2\s*$", text, re.M), text
     assert re.search(r"^source\s+version 0, group_size 0, model dtype bfloat16\s*$", text, re.M), text
     assert re.search(r"^variants\s+moe-channel-v0 x1\s*$", text, re.M), text
     assert re.search(rf"^moe\s+{re.escape(MOE)}: 8 experts, H 256, I 128\s*$", text, re.M), text
@@ -259,7 +259,7 @@ def test_readme_first_command_on_committed_example(runs):
     out = runs["ctx"]["readme_workdir"] / commands[0][2]
     assert (out / "quant_model_description.json").is_file()
     assert re.search(r"^kind\s+converted\s*$", inspect_run.stdout, re.M), inspect_run.stdout
-    assert re.search(r"^layout\s+w4a8conv-npu-ready/1\s*$", inspect_run.stdout, re.M), inspect_run.stdout
+    assert re.search(r"^layout\s+w4a8conv-npu-ready/2\s*$", inspect_run.stdout, re.M), inspect_run.stdout
     # a "1.0.0" export with W4A8 dense MLP and shared experts: 1 MoE layer + 6 Linear layers
     assert re.search(r"^variants\s+moe-group-v1 x1, linear-group-v1 x6\s*$", inspect_run.stdout, re.M), \
         inspect_run.stdout

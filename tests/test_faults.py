@@ -32,12 +32,12 @@ from robustness_support import (CLI_ENV, DESCRIPTION, MOE, REPO, Run, assert_cle
                                 build, edit_json, file_hashes, read_raw, rewrite_tensors, run_main)
 
 WRAPPER = Path(__file__).with_name("fault_wrapper.py")
-SHARD_BYTES = "40000"  # v1-multi -> 16 output shards
+SHARD_BYTES = "40000"  # v1-multi -> 14 output shards
 OPTIONS = ("--max-shard-size", SHARD_BYTES)
 
 
 def out_shard(k: int) -> str:
-    return f"model-{k:05d}-of-00016.safetensors"
+    return f"model-{k:05d}-of-00014.safetensors"
 
 
 # -- process helpers -------------------------------------------------------------------------------------
@@ -146,13 +146,13 @@ def reference(source, tmp_path_factory) -> dict[str, str]:
     out = tmp_path_factory.mktemp("faults-ref") / "out"
     convert(source, out, options=ConvertOptions(max_shard_bytes=int(SHARD_BYTES), workers=1))
     hashes = file_hashes(out)
-    assert len([n for n in hashes if n.endswith(".safetensors")]) == 16
+    assert len([n for n in hashes if n.endswith(".safetensors")]) == 14
     return hashes
 
 
 # name -> (fault, arg, extra CLI args, external signal: (signum, to_group) or None, seconds to watch for survivors)
 FAULTS = {
-    "enospc-shard": ("enospc-shard", "model-00003-of-00016", ("--workers", "1"), None, ()),
+    "enospc-shard": ("enospc-shard", "model-00003-of-00014", ("--workers", "1"), None, ()),
     "enospc-index": ("enospc-index", "", ("--workers", "1"), None, ()),
     "sigkill-before-record": ("sigkill-before-record", "3", ("--workers", "1"), None, ()),
     "sigkill-before-description": ("sigkill-before-description", "", ("--workers", "1"), None, ()),
@@ -390,7 +390,7 @@ def damaged(pristine, tmp_path) -> Path:
 
 def _moe_shard(out: Path) -> Path:
     weight_map = json.loads((out / INDEX_NAME).read_text())["weight_map"]
-    return out / weight_map[f"{MOE}.experts.gate_proj.weight"]
+    return out / weight_map[f"{MOE}.experts.0.gate_proj.weight"]
 
 
 def _stamp(out: Path, change) -> None:
@@ -421,7 +421,7 @@ def test_runtime_garbage_shard_header(damaged):
     blob = bytearray(shard_file.read_bytes())
     blob[8:40] = b"\x00" * 32
     shard_file.write_bytes(bytes(blob))
-    _refused(damaged, lambda c: c.tensor(f"{MOE}.experts.gate_proj.weight"))
+    _refused(damaged, lambda c: c.tensor(f"{MOE}.experts.0.gate_proj.weight"))
 
 
 def test_runtime_tampered_shard_hash_fails_verify_exit_5(damaged):
@@ -435,7 +435,7 @@ def test_runtime_tampered_shard_hash_fails_verify_exit_5(damaged):
 
 @pytest.mark.parametrize("change, message", [
     (lambda s: s.update(layout="someone-elses-layout"), "layout 'someone-elses-layout' is not 'w4a8conv-npu-ready'"),
-    (lambda s: s.update(layout_version=2), "layout version 2; this w4a8conv serves version 1 only"),
+    (lambda s: s.update(layout_version=3), "layout version 3; this w4a8conv serves version 2 only"),
     (lambda s: s.update(shards=["model-00001-of-00016.safetensors"]), "stamp has no 'shards' record"),
     (lambda s: s.update(modules=None), "stamp has no 'modules' record"),
     (lambda s: s.clear(), "w4a8conv"),
@@ -447,9 +447,9 @@ def test_runtime_refuses_a_tampered_stamp(damaged, change, message):
 
 
 def test_inspect_a_future_layout_exit_3(damaged):
-    _stamp(damaged, lambda s: s.update(layout_version=2))
+    _stamp(damaged, lambda s: s.update(layout_version=3))
     run = run_main("inspect", damaged)
-    assert_clean_failure(run, ExitCode.INVALID_INPUT, [str(damaged / DESCRIPTION_NAME), "layout version 2"])
+    assert_clean_failure(run, ExitCode.INVALID_INPUT, [str(damaged / DESCRIPTION_NAME), "layout version 3"])
 
 
 def test_runtime_refuses_a_shard_outside_the_directory(damaged, tmp_path):

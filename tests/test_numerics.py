@@ -48,12 +48,12 @@ def tamper(out: Path, tensor: str, change) -> None:
     (out / DESCRIPTION_NAME).write_text(json.dumps(description, indent=2))
 
 
-def zero_bias_of_expert(t: torch.Tensor) -> None:
-    t[UNSAMPLED_EXPERT].zero_()
+def zero_bias(t: torch.Tensor) -> None:
+    t.zero_()
 
 
-def double_scale_of_expert(t: torch.Tensor) -> None:
-    t[UNSAMPLED_EXPERT] = encode_fp32_bits_as_int64(2 * decode_int64_to_fp32(t[UNSAMPLED_EXPERT]))
+def double_scale(t: torch.Tensor) -> None:
+    t.copy_(encode_fp32_bits_as_int64(2 * decode_int64_to_fp32(t)))
 
 
 def test_bound_formula_matches_the_derivation():
@@ -103,8 +103,8 @@ def test_wrong_source_and_missing_source_are_refused(converted):
 
 
 @pytest.mark.parametrize("tensor,change", [
-    (f"{MOE}.experts.gate_proj.scale_bias", zero_bias_of_expert),
-    (f"{MOE}.experts.down_proj.weight_scale", double_scale_of_expert),
+    (f"{MOE}.experts.{UNSAMPLED_EXPERT}.gate_proj.scale_bias", zero_bias),
+    (f"{MOE}.experts.{UNSAMPLED_EXPERT}.down_proj.weight_scale", double_scale),
 ])
 def test_damage_integrity_and_sampled_fidelity_miss_breaks_the_bound(converted, tmp_path, tensor, change):
     source, pristine = converted("moe-group-v1")
@@ -123,7 +123,7 @@ def test_cli_numerics_exit_codes(converted, tmp_path):
     source, pristine = converted("moe-group-v1")
     out = tmp_path / "out"
     shutil.copytree(pristine, out)
-    tamper(out, f"{MOE}.experts.gate_proj.scale_bias", zero_bias_of_expert)
+    tamper(out, f"{MOE}.experts.{UNSAMPLED_EXPERT}.gate_proj.scale_bias", zero_bias)
     bad = cli("verify", out, "--source", source, "--numerics", "--json")
     assert bad.returncode == ExitCode.VERIFY_FAILED, bad.stderr
     summary = json.loads(bad.stdout)

@@ -142,8 +142,8 @@ def expected_converted_names(name: str) -> set[str]:
     """The output tensors the converter produces (everything else is passed through)."""
     moe, linear = expected_modules(name)
     spec = PRESETS[name]
-    names = {f"{p}.experts.{proj}.{o}" for p in moe for proj in spec.projections
-             for o in ("weight", "weight_scale", "scale_bias")}
+    names = {f"{p}.experts.{e}.{proj}.{o}" for p in moe for e in range(spec.num_experts)
+             for proj in spec.projections for o in ("weight", "weight_scale", "scale_bias")}
     bias = "scale_bias" if spec.version == "1.0.0" else "weight_scale_bias"
     for p in linear:
         names |= {f"{p}.weight", f"{p}.weight_scale_second", f"{p}.{bias}"}
@@ -172,30 +172,25 @@ def test_moe_layers_round_trip(converted, name):
         for proj in m["projections"]:
             is_down = proj == down
             out_dim, in_dim = (spec.hidden, spec.intermediate) if is_down else (spec.intermediate, spec.hidden)
-            e_count = spec.num_experts
-            weight = ck.tensor(f"{prefix}.experts.{proj}.weight")
-            scale = ck.tensor(f"{prefix}.experts.{proj}.weight_scale")
-            bias = ck.tensor(f"{prefix}.experts.{proj}.scale_bias")
-            assert weight.dtype == torch.int32 and weight.shape == (e_count, in_dim, out_dim // 8)
-            assert scale.dtype == torch.int64 and scale.shape == (e_count, in_dim // g if g else 1, out_dim)
-            assert bias.dtype == torch.float32
-            assert bias.shape == ((e_count, out_dim, 16) if is_down else (e_count, out_dim))
-            decoded = decode(scale)
-            unpacked = unpack_int32_to_int4(weight)
-            for e in range(e_count):
-                base = f"{prefix}.experts.{e}.{proj}."
+            for e in range(spec.num_experts):
+                base = f"{prefix}.experts.{e}.{proj}."  # converted tensors keep the source names
+                weight, scale, bias = (ck.tensor(base + o) for o in ("weight", "weight_scale", "scale_bias"))
+                assert weight.dtype == torch.int32 and weight.shape == (in_dim, out_dim // 8)
+                assert scale.dtype == torch.int64 and scale.shape == (in_dim // g if g else 1, out_dim)
+                assert bias.dtype == torch.float32
+                assert bias.shape == ((out_dim, 16) if is_down else (out_dim,))
                 values = src.values(base + "weight")
                 assert values.shape == (out_dim, in_dim)
-                assert torch.equal(unpacked[e], values.t()), f"{base}weight"
+                assert torch.equal(unpack_int32_to_int4(weight), values.t()), f"{base}weight"
                 s1 = src.f32(base + "weight_scale")
                 s2 = src.f32(base + "weight_scale_second") if g else None
                 expected_scale = fp16_fused(s1, s2) if g else s1.reshape(1, -1)
-                assert bits_equal(decoded[e], expected_scale), f"{base}weight_scale"
+                assert bits_equal(decode(scale), expected_scale), f"{base}weight_scale"
                 if src.version == "1.0.0":
                     stored = src.tensors[base + "scale_bias"]
-                    assert torch.equal(bias[e], stored if is_down else stored.reshape(-1)), f"{base}scale_bias"
+                    assert torch.equal(bias, stored if is_down else stored.reshape(-1)), f"{base}scale_bias"
                 else:
-                    assert_bias_close(bias[e].numpy(), values, s1, s2, 16 if is_down else 1, base + "scale_bias")
+                    assert_bias_close(bias.numpy(), values, s1, s2, 16 if is_down else 1, base + "scale_bias")
 
 
 @pytest.mark.parametrize("name", LINEAR_PRESETS)
@@ -305,7 +300,7 @@ def test_stamp_and_shard_hashes(converted, name):
     desc = json.loads((out / "quant_model_description.json").read_text())
     stamp = desc["w4a8conv"]
     assert stamp["layout"] == "w4a8conv-npu-ready"
-    assert stamp["layout_version"] == 1
+    assert stamp["layout_version"] == 2
     assert stamp["source"]["version"] == ("1.0.0" if PRESETS[name].version == "1.0.0" else "0")
     assert stamp["source"]["group_size"] == PRESETS[name].effective_group_size
     assert stamp["source"]["model_dtype"] == PRESETS[name].model_dtype
@@ -320,7 +315,7 @@ def test_stamp_and_shard_hashes(converted, name):
         data = (out / file_name).read_bytes()
         assert record["sha256"] == "sha256:" + hashlib.sha256(data).hexdigest(), file_name
         assert record["bytes"] == len(data)
-        assert shard_metadata(out / file_name).get("w4a8conv") == "w4a8conv-npu-ready/1"
+        assert shard_metadata(out / file_name).get("w4a8conv") == "w4a8conv-npu-ready/2"
         for tensor in raw_tensors(out / file_name):
             assert index["weight_map"][tensor] == file_name
     total = sum(len(raw) for _d, _s, raw in all_raw(out).values())

@@ -18,6 +18,11 @@ from w4a8conv.transforms.int4 import unpack_int8_pairs_to_int4, unpack_int32_to_
 MOE = "model.layers.1.mlp"
 
 
+def stacked(ck: NpuReadyCheckpoint, proj: str, output: str, num_experts: int) -> torch.Tensor:
+    """One projection's stored per-expert tensors stacked on a leading expert axis."""
+    return torch.stack([ck.tensor(f"{MOE}.experts.{e}.{proj}.{output}") for e in range(num_experts)])
+
+
 def copy_of(converted_dir: Path, tmp_path: Path) -> Path:
     target = tmp_path / "ck"
     shutil.copytree(converted_dir, target)
@@ -40,7 +45,7 @@ def test_open_accepts_a_conversion(converted):
     ck = NpuReadyCheckpoint.open(out)
     assert ck.stamp["layout"] == "w4a8conv-npu-ready"
     assert MOE in ck.stamp["modules"]
-    assert ck.type_of(f"{MOE}.experts.gate_proj.weight") == "W4A8_DYNAMIC_NPU"
+    assert ck.type_of(f"{MOE}.experts.0.gate_proj.weight") == "W4A8_DYNAMIC_NPU"
 
 
 def test_not_converted_error_is_an_invalid_input():
@@ -70,10 +75,11 @@ def test_open_refuses_a_description_without_stamp(converted, tmp_path):
     assert "quant_model_description.json" in str(info.value)
 
 
-def test_open_refuses_layout_version_2(converted, tmp_path):
+@pytest.mark.parametrize("version", [1, 3])  # 1: stacked experts, written by w4a8conv 0.1; 3: a future one
+def test_open_refuses_other_layout_versions(converted, tmp_path, version):
     ck = copy_of(converted("moe-group-v1")[1], tmp_path)
-    edit_description(ck, lambda d: d["w4a8conv"].update(layout_version=2))
-    with pytest.raises(NotConvertedError, match=r"layout version 2.*serves version 1"):
+    edit_description(ck, lambda d: d["w4a8conv"].update(layout_version=version))
+    with pytest.raises(NotConvertedError, match=rf"layout version {version}; this w4a8conv serves version 2 only"):
         NpuReadyCheckpoint.open(ck)
 
 
@@ -189,7 +195,7 @@ def test_moe_layer_shapes_and_slices(converted, preset, split):
         assert tuple(got[key].shape) == shape, key
         assert got[key].is_contiguous(), key
 
-    full = {f"{p}.{o}": ck.tensor(f"{MOE}.experts.{p}.{o}") for p in spec.projections
+    full = {f"{p}.{o}": stacked(ck, p, o, e) for p in spec.projections
             for o in ("weight", "weight_scale", "scale_bias")}
     gate, up, down = spec.projections
     ip, ee = i // tp, e // ep
@@ -239,7 +245,7 @@ def test_w2_scale_bias_sums_over_tp_ranks_to_tp1(converted, preset, tp_sizes):
     whole = ck.moe_layer(MOE)["w2_scale_bias"].to(torch.float64)
     assert whole.abs().max() > 0
     down = PRESETS[preset].projections[2]
-    stored = ck.tensor(f"{MOE}.experts.{down}.scale_bias").to(torch.float64)
+    stored = stacked(ck, down, "scale_bias", PRESETS[preset].num_experts).to(torch.float64)
     tolerance = 1e-6 * float(whole.abs().max())
     torch.testing.assert_close(whole, stored.sum(dim=-1), rtol=1e-6, atol=tolerance)
     for tp in tp_sizes:
@@ -292,7 +298,7 @@ def test_returned_tensors_own_their_memory(converted):
         tensor.zero_()
     again = ckpt.moe_layer("model.layers.1.mlp")
     assert all(torch.equal(again[k], expected[k]) for k in expected)
-    name = "model.layers.1.mlp.experts.down_proj.weight"
+    name = "model.layers.1.mlp.experts.0.down_proj.weight"
     whole = ckpt.tensor(name)
     kept = whole.clone()
     whole.zero_()

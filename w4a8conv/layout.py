@@ -1,32 +1,39 @@
-"""Names, dtypes and shapes of the converted tensors (layout version 1): the one place the plan, the
+"""Names, dtypes and shapes of the converted tensors (layout version 2): the one place the plan, the
 runtime and `verify` take them from. See docs/format.md."""
 from __future__ import annotations
 
 from .constants import DOWN_BIAS_CHUNKS, INT4_PER_INT32
 
-__all__ = ["MOE_OUTPUTS", "TensorSpec", "moe_tensor_specs", "linear_tensor_specs"]
+__all__ = ["MOE_OUTPUTS", "TensorSpec", "expert_tensor_specs", "moe_tensor_specs", "linear_tensor_specs"]
 
 MOE_OUTPUTS = ("weight", "weight_scale", "scale_bias")
 
 TensorSpec = tuple[str, tuple[int, ...]]  # (safetensors dtype, shape)
 
 
+def expert_tensor_specs(prefix: str, expert: int, proj: str, is_down: bool, hidden: int, intermediate: int,
+                        group_size: int) -> dict[str, tuple[str, TensorSpec]]:
+    """output -> (tensor name, (dtype, shape)) of one expert projection, in kernel orientation [in, out].
+
+    Names are the source's, so a serving stack routes them as it routes the source's experts.
+    """
+    out, inp = (hidden, intermediate) if is_down else (intermediate, hidden)
+    groups = inp // group_size if group_size else 1
+    shapes = {
+        "weight": ("I32", (inp, out // INT4_PER_INT32)),
+        "weight_scale": ("I64", (groups, out)),
+        "scale_bias": ("F32", (out, DOWN_BIAS_CHUNKS) if is_down else (out,)),
+    }
+    return {output: (f"{prefix}.experts.{expert}.{proj}.{output}", shapes[output]) for output in MOE_OUTPUTS}
+
+
 def moe_tensor_specs(prefix: str, projections: tuple[str, str, str] | list[str], num_experts: int, hidden: int,
-                     intermediate: int, group_size: int) -> dict[tuple[str, str], tuple[str, TensorSpec]]:
-    """(projection, output) -> (tensor name, (dtype, shape)) for one MoE layer, experts stacked first."""
-    specs = {}
-    for proj in projections:
-        is_down = proj == projections[2]
-        out, inp = (hidden, intermediate) if is_down else (intermediate, hidden)
-        groups = inp // group_size if group_size else 1
-        shapes = {
-            "weight": ("I32", (num_experts, inp, out // INT4_PER_INT32)),
-            "weight_scale": ("I64", (num_experts, groups, out)),
-            "scale_bias": ("F32", (num_experts, out, DOWN_BIAS_CHUNKS) if is_down else (num_experts, out)),
-        }
-        for output in MOE_OUTPUTS:
-            specs[proj, output] = (f"{prefix}.experts.{proj}.{output}", shapes[output])
-    return specs
+                     intermediate: int, group_size: int) -> dict[tuple[int, str, str], tuple[str, TensorSpec]]:
+    """(expert, projection, output) -> (tensor name, (dtype, shape)) for one MoE layer."""
+    return {(e, proj, output): spec
+            for e in range(num_experts) for proj in projections
+            for output, spec in expert_tensor_specs(prefix, e, proj, proj == projections[2], hidden, intermediate,
+                                                    group_size).items()}
 
 
 def linear_tensor_specs(prefix: str, out_features: int, in_features: int, group_size: int,

@@ -17,7 +17,7 @@ from .source.safetensors_file import DTYPE_SIZES, TensorRef
 from .transforms import LINEAR_SPECS, MOE_SPECS
 
 __all__ = [
-    "PROJECTION_NAMES", "MoeLayer", "LinearModule", "CopyBytes", "StackExperts", "LinearTensor",
+    "PROJECTION_NAMES", "MoeLayer", "LinearModule", "CopyBytes", "ExpertTensor", "LinearTensor",
     "OutputTensor", "Plan", "make_plan", "natural_key", "MOE_OUTPUTS",
 ]
 
@@ -59,9 +59,6 @@ class MoeLayer:
     def source_name(self, expert: int, proj: str, suffix: str) -> str:
         return f"{self.prefix}.experts.{expert}.{proj}.{suffix}"
 
-    def output_name(self, proj: str, output: str) -> str:
-        return f"{self.prefix}.experts.{proj}.{output}"
-
     def dims(self, proj: str) -> tuple[int, int]:
         """(out, in) of a projection in source orientation."""
         return (self.hidden, self.intermediate) if proj == self.projections[2] else (self.intermediate, self.hidden)
@@ -96,10 +93,11 @@ class CopyBytes:
 
 
 @dataclass(frozen=True)
-class StackExperts:
-    """All experts of one projection, stacked on a leading expert dimension."""
+class ExpertTensor:
+    """One output of one expert projection, in kernel orientation."""
 
     layer: MoeLayer
+    expert: int
     proj: str
     output: str  # one of MOE_OUTPUTS
 
@@ -113,7 +111,7 @@ class LinearTensor:
     model_dtype: str
 
 
-Recipe = CopyBytes | StackExperts | LinearTensor
+Recipe = CopyBytes | ExpertTensor | LinearTensor
 
 
 @dataclass(frozen=True)
@@ -143,14 +141,10 @@ class Plan:
     def output_description(self) -> dict:
         """The source description with converted modules retyped; the stamp is added by the caller."""
         out = {k: v for k, v in self.source.description.items() if k not in self.consumed}
+        # vllm-ascend resolves an MoE layer's scheme from the "<prefix>.experts..." keys.
         for t in self.tensors:
             if not isinstance(t.recipe, CopyBytes):
                 out[t.name] = CONVERTED_TYPE
-        # vllm-ascend resolves an MoE layer's scheme from "<prefix>.experts.<e>.<proj>.weight" keys.
-        for layer in self.moe_layers:
-            for e in range(layer.num_experts):
-                for proj in layer.projections:
-                    out[layer.source_name(e, proj, "weight")] = CONVERTED_TYPE
         return dict(sorted(out.items(), key=lambda kv: natural_key(kv[0])))
 
 
@@ -289,8 +283,8 @@ def _linear(check: _Checker, prefix: str) -> LinearModule:
 def _moe_outputs(layer: MoeLayer) -> list[OutputTensor]:
     specs = moe_tensor_specs(layer.prefix, layer.projections, layer.num_experts, layer.hidden,
                              layer.intermediate, layer.group_size)
-    return [OutputTensor(name, dtype, shape, StackExperts(layer, proj, output))
-            for (proj, output), (name, (dtype, shape)) in specs.items()]
+    return [OutputTensor(name, dtype, shape, ExpertTensor(layer, expert, proj, output))
+            for (expert, proj, output), (name, (dtype, shape)) in specs.items()]
 
 
 def _linear_outputs(module: LinearModule, model_dtype: str) -> list[OutputTensor]:

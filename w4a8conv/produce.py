@@ -1,5 +1,5 @@
 """Executes a plan's recipes: loads the source tensors a recipe needs, applies the pure transform,
-and yields the output tensor's bytes piece by piece (one expert at a time for stacked tensors).
+and yields the output tensor's bytes (copied tensors in chunks).
 
 Content rules that need tensor data run here: `check_small_tensors` before anything is written,
 and the int4 range of version "0" weights as each weight is read.
@@ -12,7 +12,7 @@ import torch
 
 from .constants import DOWN_BIAS_CHUNKS
 from .errors import InvalidCheckpointError
-from .plan import CopyBytes, LinearTensor, OutputTensor, Plan, StackExperts
+from .plan import CopyBytes, ExpertTensor, LinearTensor, OutputTensor, Plan
 from .source.checkpoint import MODEL_DTYPES
 from .source.reader import TensorReader
 from .source.safetensors_file import TORCH_DTYPES, TensorRef
@@ -65,19 +65,18 @@ def _copy(tensor: OutputTensor, recipe: CopyBytes, reader: TensorReader, _tensor
         yield buf
 
 
-def _stack(tensor: OutputTensor, recipe: StackExperts, reader: TensorReader,
-           tensors: Mapping[str, TensorRef]) -> Iterator[memoryview]:
+def _expert(tensor: OutputTensor, recipe: ExpertTensor, reader: TensorReader,
+            tensors: Mapping[str, TensorRef]) -> Iterator[memoryview]:
     layer = recipe.layer
     spec = MOE_SPECS[layer.variant]
     output = spec.outputs[recipe.output]
     is_down = recipe.proj == layer.projections[2]
-    for expert in range(layer.num_experts):
-        names = {s: layer.source_name(expert, recipe.proj, s) for s in output.needs}
-        piece = output.make(_load_parts(reader, tensors, names, _weight_rules(spec.packed_pairs)),
-                            DOWN_BIAS_CHUNKS if is_down else 1)
-        if recipe.output == "scale_bias" and not is_down:
-            piece = piece.reshape(-1)  # gate/up bias is [out]; down keeps its 16 chunks
-        yield _as_bytes(piece, tensor, tensor.shape[1:])
+    names = {s: layer.source_name(recipe.expert, recipe.proj, s) for s in output.needs}
+    piece = output.make(_load_parts(reader, tensors, names, _weight_rules(spec.packed_pairs)),
+                        DOWN_BIAS_CHUNKS if is_down else 1)
+    if recipe.output == "scale_bias" and not is_down:
+        piece = piece.reshape(-1)  # gate/up bias is [out]; down keeps its 16 chunks
+    yield _as_bytes(piece, tensor, tensor.shape)
 
 
 def _linear(tensor: OutputTensor, recipe: LinearTensor, reader: TensorReader,
@@ -90,7 +89,7 @@ def _linear(tensor: OutputTensor, recipe: LinearTensor, reader: TensorReader,
     yield _as_bytes(piece, tensor, tensor.shape)
 
 
-_PRODUCERS = {CopyBytes: _copy, StackExperts: _stack, LinearTensor: _linear}
+_PRODUCERS = {CopyBytes: _copy, ExpertTensor: _expert, LinearTensor: _linear}
 
 
 def source_names(tensor: OutputTensor) -> list[str]:
@@ -98,14 +97,14 @@ def source_names(tensor: OutputTensor) -> list[str]:
     recipe = tensor.recipe
     if isinstance(recipe, CopyBytes):
         return [recipe.ref.name]
-    if isinstance(recipe, StackExperts):
+    if isinstance(recipe, ExpertTensor):
         needs = MOE_SPECS[recipe.layer.variant].outputs[recipe.output].needs
-        return [recipe.layer.source_name(e, recipe.proj, s) for e in range(recipe.layer.num_experts) for s in needs]
+        return [recipe.layer.source_name(recipe.expert, recipe.proj, s) for s in needs]
     return [recipe.module.source_name(s) for s in LINEAR_SPECS[recipe.module.variant].outputs[recipe.output].needs]
 
 
 def produce(tensor: OutputTensor, reader: TensorReader, tensors: Mapping[str, TensorRef]) -> Iterator[memoryview]:
-    """The output tensor's bytes, in order, in pieces of at most one expert (or 64 MiB)."""
+    """The output tensor's bytes, in order, in pieces of at most 64 MiB for copies."""
     return _PRODUCERS[type(tensor.recipe)](tensor, tensor.recipe, reader, tensors)
 
 

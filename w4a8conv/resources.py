@@ -7,7 +7,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .plan import CopyBytes, OutputTensor, Plan, StackExperts
+from .plan import CopyBytes, ExpertTensor, OutputTensor, Plan
 from .produce import COPY_CHUNK_BYTES, source_names
 from .writer import ShardPlan
 
@@ -46,14 +46,12 @@ def _working_set(plan: Plan, tensor: OutputTensor) -> int:
     if isinstance(recipe, CopyBytes):
         return min(COPY_CHUNK_BYTES, tensor.nbytes)
     names = source_names(tensor)
-    if isinstance(recipe, StackExperts):
-        pieces = max(1, recipe.layer.num_experts)  # experts are produced one at a time
+    if isinstance(recipe, ExpertTensor):
         out, inp = recipe.layer.dims(recipe.proj)
     else:
-        pieces = 1
         out, inp = recipe.module.out_features, recipe.module.in_features
-    loaded = sum(plan.source.tensors[n].nbytes for n in names) // pieces
-    piece = tensor.nbytes // pieces
+    loaded = sum(plan.source.tensors[n].nbytes for n in names)
+    piece = tensor.nbytes
     reads_weight = any(n.endswith(".weight") for n in names)
     per_element = (_BIAS_BYTES_PER_ELEMENT if recipe.output.endswith("bias") else _PACK_BYTES_PER_ELEMENT)
     return loaded + piece + (per_element * out * inp if reads_weight else 2 * loaded)

@@ -16,12 +16,13 @@ import torch
 
 from .constants import DESCRIPTION_NAME, DOWN_BIAS_CHUNKS, INDEX_NAME
 from .engine import sha256_file
+from .layout import expert_tensor_specs
 from .errors import InvalidCheckpointError, UsageError, W4A8Error
 from .numerics import LayerNumerics, check_numerics, open_matching_source
 from .plan import CopyBytes, make_plan
 from .runtime import NpuReadyCheckpoint
 from .source import SourceCheckpoint, TensorReader
-from .source.safetensors_file import TORCH_DTYPES, TensorRef, read_header
+from .source.safetensors_file import TensorRef, read_header
 from .transforms import LINEAR_SPECS, MOE_SPECS
 from .transforms.int4 import unpack_int32_to_int4
 from .transforms.scales import decode_int64_to_fp32, high_words_are_zero, round_to_dtype
@@ -105,15 +106,6 @@ def _check_integrity(ckpt: NpuReadyCheckpoint, report: VerifyReport) -> dict[str
     return stored
 
 
-def _load_expert(reader: TensorReader, ref: TensorRef, expert: int, experts: int) -> torch.Tensor:
-    """One expert's slice of a stacked [E, ...] stored tensor, read alone."""
-    piece = ref.nbytes // experts
-    shape = ref.shape[1:]
-    buf = bytearray(piece)
-    reader.read_into(ref, memoryview(buf), expert * piece)
-    return torch.frombuffer(buf, dtype=TORCH_DTYPES[ref.dtype]).reshape(shape) if piece else torch.empty(shape)
-
-
 def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
     scale = float(expected.abs().max()) if expected.numel() else 0.0
     diff = float((actual.double() - expected.double()).abs().max()) if expected.numel() else 0.0
@@ -184,19 +176,20 @@ def _check_fidelity(ckpt: NpuReadyCheckpoint, src: SourceCheckpoint, stored: dic
         check = _Fidelity(report, reader, source_reader, src.tensors, stored)
         for layer in plan.moe_layers:
             spec = MOE_SPECS[layer.variant]
-            experts = _sample_experts(layer.num_experts, sample, rng)
-            for proj in layer.projections:
-                is_down = proj == layer.projections[2]
-                outs = {o: stored.get(layer.output_name(proj, o)) for o in ("weight", "weight_scale", "scale_bias")}
-                if None in outs.values():
-                    report.problems.append(f"{layer.prefix}.experts.{proj}: converted tensors missing")
-                    continue
-                for e in experts:
+            for e in _sample_experts(layer.num_experts, sample, rng):
+                for proj in layer.projections:
+                    is_down = proj == layer.projections[2]
+                    specs = expert_tensor_specs(layer.prefix, e, proj, is_down, layer.hidden, layer.intermediate,
+                                                layer.group_size)
+                    outs = {o: stored.get(name) for o, (name, _spec) in specs.items()}
+                    if None in outs.values():
+                        report.problems.append(f"{layer.prefix}.experts.{e}.{proj}: converted tensors missing")
+                        continue
                     get = lambda s: check.src(layer.source_name(e, proj, s))  # noqa: E731
                     check.projection(
-                        f"{layer.output_name(proj, '*')}[{e}]", spec.int4_values(get("weight")), get("weight_scale"),
+                        f"{layer.source_name(e, proj, '*')}", spec.int4_values(get("weight")), get("weight_scale"),
                         get("weight_scale_second") if spec.per_group else None,
-                        *(_load_expert(reader, outs[o], e, layer.num_experts) for o in outs),
+                        *(reader.load(outs[o]) for o in outs),
                         get("scale_bias") if spec.bias_in_checkpoint else None,
                         DOWN_BIAS_CHUNKS if is_down else 1)
         for module in plan.linears:

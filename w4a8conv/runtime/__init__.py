@@ -4,7 +4,8 @@
 MoE experts, on the CPU emulation of the A8W4 kernels (`reference`) or on torch_npu, which is
 imported only when that backend is asked for.
 """
-from .checkpoint import NpuReadyCheckpoint, RankSplit
+from .checkpoint import NpuReadyCheckpoint
+from .split import RankSplit
 from .moe import MoELayer
 from .reference import (KernelOps, dynamic_quant, grouped_matmul_a8w4, moe_forward, msd_split, swiglu)
 

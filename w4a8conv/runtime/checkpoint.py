@@ -2,53 +2,22 @@
 
 Kept apart from the converter: it depends on the format constants and on `safetensors`, never on
 the source readers or transforms. Every rank's tensors come out of the TP/EP-agnostic layout by
-slicing and concatenation, plus a sum over the rank's share of the 16 down_proj bias chunks.
+slicing and concatenation (`split.py`), plus a sum over the rank's share of the 16 down_proj bias chunks.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..constants import (DESCRIPTION_NAME, DOWN_BIAS_CHUNKS, INDEX_NAME, INT4_PER_INT32, LAYOUT_NAME,
-                         LAYOUT_VERSION, STAMP_KEY)
-from ..errors import NotConvertedError, UnsupportedSplitError, UsageError
-from ..layout import TensorSpec, linear_tensor_specs, moe_tensor_specs
+from ..constants import DESCRIPTION_NAME, INDEX_NAME, LAYOUT_NAME, LAYOUT_VERSION, STAMP_KEY
+from ..errors import NotConvertedError, UsageError
+from ..layout import TensorSpec, expert_tensor_specs, linear_tensor_specs, moe_tensor_specs
+from .split import RankSplit, expert_rank_part
 
-__all__ = ["NpuReadyCheckpoint", "RankSplit"]
-
-
-@dataclass(frozen=True)
-class RankSplit:
-    """Which part of an MoE layer a rank holds: experts by EP rank, intermediate columns by TP rank."""
-
-    tp_size: int = 1
-    tp_rank: int = 0
-    ep_size: int = 1
-    ep_rank: int = 0
-
-    def check(self, prefix: str, experts: int, intermediate: int, group_size: int) -> None:
-        """Raise `UnsupportedSplitError` naming the rule a split breaks."""
-        def refuse(rule: str) -> UnsupportedSplitError:
-            return UnsupportedSplitError(f"{prefix}: tp_size={self.tp_size}, ep_size={self.ep_size}: {rule}")
-
-        for size, rank, kind in ((self.tp_size, self.tp_rank, "tp"), (self.ep_size, self.ep_rank, "ep")):
-            if size < 1 or not 0 <= rank < size:
-                raise refuse(f"{kind}_rank {rank} is not in [0, {kind}_size)")
-        if DOWN_BIAS_CHUNKS % self.tp_size:
-            raise refuse(f"MoE TP size must divide {DOWN_BIAS_CHUNKS} (the down_proj bias chunks)")
-        if experts % self.ep_size:
-            raise refuse(f"{experts} experts do not split evenly over {self.ep_size} EP ranks")
-        if intermediate % self.tp_size:
-            raise refuse(f"intermediate size {intermediate} does not split over {self.tp_size} TP ranks")
-        part = intermediate // self.tp_size
-        if part % INT4_PER_INT32:
-            raise refuse(f"intermediate part {part} is not a multiple of {INT4_PER_INT32} packed int4 values")
-        if group_size and part % group_size:
-            raise refuse(f"intermediate part {part} is not a multiple of group_size {group_size}")
+__all__ = ["NpuReadyCheckpoint", "RankSplit", "checked_stamp", "stamp_problem"]
 
 
 _MOE_RECORD = {"kind": str, "variant": str, "num_experts": int, "projections": list, "hidden": int,
@@ -62,7 +31,7 @@ def _plain_name(name: str) -> bool:
     return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..") and "\0" not in name
 
 
-def _stamp_problem(stamp: dict) -> str | None:
+def stamp_problem(stamp: dict) -> str | None:
     """What is wrong with a stamp's records, or None (types only; shapes are checked per module)."""
     for key in ("modules", "shards", "source"):
         if not isinstance(stamp.get(key), dict):
@@ -87,6 +56,24 @@ def _stamp_problem(stamp: dict) -> str | None:
     return None
 
 
+def checked_stamp(description: object, where: Path | str) -> dict:
+    """The stamp of a converted description, or `NotConvertedError` naming `where` and the rule broken."""
+    stamp = description.get(STAMP_KEY) if isinstance(description, dict) else None
+    if not isinstance(stamp, dict):
+        raise NotConvertedError(f"no {STAMP_KEY!r} stamp: not converted by w4a8conv (run w4a8conv convert)",
+                                file=where)
+    if stamp.get("layout") != LAYOUT_NAME:
+        raise NotConvertedError(f"layout {stamp.get('layout')!r} is not {LAYOUT_NAME!r}", file=where)
+    version = stamp.get("layout_version")
+    if version != LAYOUT_VERSION:
+        raise NotConvertedError(f"layout version {version!r}; this w4a8conv serves version {LAYOUT_VERSION} "
+                                "only (convert again, or upgrade w4a8conv)", file=where)
+    problem = stamp_problem(stamp)
+    if problem:
+        raise NotConvertedError(problem, file=where)
+    return stamp
+
+
 class NpuReadyCheckpoint:
     """A converted directory, stamp checked on open. Tensors are read lazily per request."""
 
@@ -109,19 +96,7 @@ class NpuReadyCheckpoint:
                                     file=root) from None
         except (OSError, ValueError) as exc:
             raise NotConvertedError(f"unreadable ({exc})", file=description_file) from None
-        stamp = description.get(STAMP_KEY) if isinstance(description, dict) else None
-        if not isinstance(stamp, dict):
-            raise NotConvertedError(f"no {STAMP_KEY!r} stamp: not converted by w4a8conv (run w4a8conv convert)",
-                                    file=description_file)
-        if stamp.get("layout") != LAYOUT_NAME:
-            raise NotConvertedError(f"layout {stamp.get('layout')!r} is not {LAYOUT_NAME!r}", file=description_file)
-        version = stamp.get("layout_version")
-        if version != LAYOUT_VERSION:
-            raise NotConvertedError(f"layout version {version!r}; this w4a8conv serves version {LAYOUT_VERSION} "
-                                    "only (convert again, or upgrade w4a8conv)", file=description_file)
-        problem = _stamp_problem(stamp)
-        if problem:
-            raise NotConvertedError(problem, file=description_file)
+        stamp = checked_stamp(description, description_file)
         try:
             weight_map = json.loads((root / INDEX_NAME).read_text())["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -212,40 +187,23 @@ class NpuReadyCheckpoint:
         m = self._module(prefix, "moe")
         split = RankSplit(tp_size, tp_rank, ep_size, ep_rank)
         split.check(prefix, m["num_experts"], m["intermediate"], m["group_size"])
-        per_ep = m["num_experts"] // ep_size
-        experts = slice(ep_rank * per_ep, (ep_rank + 1) * per_ep)
-        part = m["intermediate"] // tp_size
-        columns = slice(tp_rank * part, (tp_rank + 1) * part)
-        words = slice(columns.start // INT4_PER_INT32, columns.stop // INT4_PER_INT32)
-        chunks_per_rank = DOWN_BIAS_CHUNKS // tp_size
-        chunks = slice(tp_rank * chunks_per_rank, (tp_rank + 1) * chunks_per_rank)
-        gate, up, down = (f"{prefix}.experts.{p}." for p in m["projections"])
+        gate, up, down = m["projections"]
 
-        def gate_up(suffix: str, last: slice) -> torch.Tensor:
-            """Concatenate the rank's gate and up columns: vLLM puts gate first in w13."""
-            pieces = []
-            for proj in (gate, up):
-                stored = self._slice(proj + suffix)
-                middle = (slice(None),) * (len(stored.get_shape()) - 2)
-                pieces.append(stored[(experts, *middle, last)])
-            return torch.cat(pieces, dim=-1).contiguous()
+        def rank_part(expert: int, proj: str, output: str) -> torch.Tensor:
+            name, _spec = expert_tensor_specs(prefix, expert, proj, proj == down, m["hidden"], m["intermediate"],
+                                              m["group_size"])[output]
+            return expert_rank_part(output, proj == down, self._slice(name)[:], intermediate=m["intermediate"],
+                                    group_size=m["group_size"], tp_size=tp_size, tp_rank=tp_rank)
 
-        down_scale = self._slice(down + "weight_scale")
-        if m["group_size"]:
-            group_rows = slice(columns.start // m["group_size"], columns.stop // m["group_size"])
-            w2_scale = down_scale[experts, group_rows, :]
-        else:
-            w2_scale = down_scale[experts, :, :]
-        down_bias = self._slice(down + "scale_bias")[experts, :, chunks]
-        return {
-            "w13_weight": gate_up("weight", words),
-            "w2_weight": self._slice(down + "weight")[experts, columns, :].clone(),
-            "w13_weight_scale": gate_up("weight_scale", columns),
-            "w2_weight_scale": w2_scale.clone(),
-            "w13_scale_bias": gate_up("scale_bias", columns),
-            # vllm-ascend sums the rank's chunks the same way (update_bias).
-            "w2_scale_bias": down_bias.transpose(1, 2).contiguous().sum(dim=1),
-        }
+        experts = split.experts(m["num_experts"])
+        tensors = {}
+        for output in ("weight", "weight_scale", "scale_bias"):
+            # vLLM's w13 holds gate's columns, then up's.
+            tensors[f"w13_{output}"] = torch.stack([torch.cat([rank_part(e, gate, output), rank_part(e, up, output)],
+                                                              dim=-1) for e in experts])
+            tensors[f"w2_{output}"] = torch.stack([rank_part(e, down, output) for e in experts])
+        return {key: tensors[key] for key in ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale",
+                                              "w13_scale_bias", "w2_scale_bias")}
 
     def linear(self, prefix: str) -> dict[str, torch.Tensor]:
         """A Linear layer's final tensors under vllm-ascend's names (tensor-parallel size 1):

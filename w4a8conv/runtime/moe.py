@@ -17,7 +17,8 @@ from collections.abc import Mapping
 import torch
 
 from ..errors import UsageError
-from .checkpoint import NpuReadyCheckpoint, RankSplit
+from .checkpoint import NpuReadyCheckpoint
+from .split import RankSplit
 from .reference import REFERENCE_OPS, KernelOps, moe_forward
 
 __all__ = ["MoELayer", "BACKENDS", "TENSOR_NAMES", "load_torch_npu"]
