@@ -7,7 +7,7 @@ from .constants import ExitCode
 
 __all__ = [
     "W4A8Error", "UsageError", "InvalidCheckpointError", "UnsupportedSplitError",
-    "OutputLocationError", "WriteError", "NotConvertedError",
+    "OutputLocationError", "WriteError", "NotConvertedError", "ServingError",
 ]
 
 
@@ -54,3 +54,8 @@ class WriteError(W4A8Error):
     """Writing the output failed (disk full, permissions); nothing complete was left behind."""
 
     exit_code = ExitCode.IO_FAILURE
+
+
+class ServingError(W4A8Error):
+    """The serving stack would not hold exactly the converted model: an unsupported release, a layer
+    the stamp does not describe, or a parameter left (partly) unloaded."""

@@ -1,0 +1,858 @@
+"""Test harness: the serving-side weight loading of vLLM 0.11.0 + vllm-ascend 0.11.0, run on the CPU.
+
+`vllm_ascend_harness` runs vllm-ascend's W4A8_DYNAMIC post-processing on tensors that the harness
+itself slices as vLLM would. This harness goes one step further: the slicing is vLLM's own code.
+Inside a `ServingEnv`, a checkpoint's tensors go through
+
+* the model's real `load_weights` loop (vLLM 0.11.0 `DeepseekV2ForCausalLM.load_weights`,
+  `Qwen3MoeModel.load_weights` or `MixtralModel.load_weights`, with the real
+  `FusedMoE.make_expert_params_mapping`, `default_weight_loader`, `maybe_remap_kv_scale_name`,
+  `get_spec_layer_idx_from_weight_name`),
+* the real parameter loaders (vLLM `FusedMoE.weight_loader` and its `_load_*` helpers with
+  vllm-ascend's `AscendFusedMoE._load_w13/_load_w2/transpose_weight` on top; vLLM's v1
+  `weight_loader` of Replicated/Column/MergedColumn/RowParallelLinear),
+* the real parameter factories reached through the real quantization config (vllm-ascend
+  `AscendQuantConfig.get_quant_method` -> `AscendFusedMoEMethod` / `AscendLinearMethod` ->
+  `utils.get_quant_method` -> `w4a8_dynamic`), and
+* the real `process_weights_after_loading`.
+
+Nothing of vLLM or vllm-ascend is kept in this repository: both wheels are read at test time (the
+vllm-ascend one through `vllm_ascend_harness.find_wheel`, the vLLM one downloaded here into a cache
+outside the repository), members are read with zipfile, the needed functions and classes are
+picked out of the source with `ast` (annotations dropped: they name types nobody stands in for),
+compiled under the wheel's file name and executed with stand-in globals. What is stand-in is
+written here from behaviour: process groups and configuration answering for one rank, the
+torch_npu ops (from `vllm_ascend_harness`), the constructors of the layers (the weight-relevant
+part of `FusedMoE.__init__` / `AscendFusedMoE.__init__` / the `LinearBase` subclasses), the model
+containers, and the vllm-ascend quantization schemes other than W4A8_DYNAMIC (dummy classes).
+
+Environment:
+  W4A8CONV_VLLM_WHEEL  path of a vllm 0.11.0 wheel already on disk (no download)
+  W4A8CONV_VLLM_CACHE  download cache (default ~/.cache/w4a8conv/vllm)
+  (and W4A8CONV_VLLM_ASCEND_WHEEL / W4A8CONV_VLLM_ASCEND_CACHE, see vllm_ascend_harness)
+"""
+from __future__ import annotations
+
+import abc
+import ast
+import atexit
+import collections.abc
+import contextlib
+import enum
+import functools
+import importlib.machinery
+import importlib.util
+import itertools
+import linecache
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import types
+import typing
+import zipfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from safetensors import safe_open
+
+try:
+    import vllm_ascend_harness as _ascend
+except ImportError:  # tests/ imported as a package
+    from tests import vllm_ascend_harness as _ascend
+
+__all__ = ["VLLM_VERSION", "VLLM_ASCEND_VERSION", "HarnessUnavailable", "find_vllm_wheel", "ServingEnv",
+           "weights_from_dir", "MODEL_TYPES"]
+
+VLLM_VERSION = "0.11.0"
+VLLM_ASCEND_VERSION = _ascend.VLLM_ASCEND_VERSION
+HarnessUnavailable = _ascend.HarnessUnavailable
+
+VLLM_WHEEL_ENV = "W4A8CONV_VLLM_WHEEL"
+VLLM_CACHE_ENV = "W4A8CONV_VLLM_CACHE"
+DEFAULT_VLLM_CACHE = Path.home() / ".cache" / "w4a8conv" / "vllm"
+# The tags of the published 0.11.0 wheel; used only when pip finds nothing for this interpreter.
+VLLM_FALLBACK_TAGS = ["--python-version", "3.11", "--implementation", "cp", "--abi", "abi3",
+                      "--platform", "manylinux1_x86_64"]
+
+# Wheel members read by the harness.
+FUSED_MOE = "vllm/model_executor/layers/fused_moe/layer.py"
+LINEAR = "vllm/model_executor/layers/linear.py"
+BASE_CONFIG = "vllm/model_executor/layers/quantization/base_config.py"
+QUANTIZATION_INIT = "vllm/model_executor/layers/quantization/__init__.py"
+MODEL_EXECUTOR_UTILS = "vllm/model_executor/utils.py"
+WEIGHT_UTILS = "vllm/model_executor/model_loader/weight_utils.py"
+EPLB_STATE = "vllm/distributed/eplb/eplb_state.py"
+DEEPSEEK = "vllm/model_executor/models/deepseek_v2.py"
+QWEN3_MOE = "vllm/model_executor/models/qwen3_moe.py"
+MIXTRAL = "vllm/model_executor/models/mixtral.py"
+ASCEND_FUSED_MOE = "vllm_ascend/ops/common_fused_moe.py"
+ASCEND_UTILS = "vllm_ascend/utils.py"
+
+# model_type -> (models file, class holding load_weights, ForCausalLM class holding packed_modules_mapping,
+#                whether load_weights sits on the inner `model` (behind vLLM's AutoWeightsLoader))
+MODEL_TYPES = {
+    "deepseek_v2": (DEEPSEEK, "DeepseekV2ForCausalLM", "DeepseekV2ForCausalLM", False),
+    "deepseek_v3": (DEEPSEEK, "DeepseekV2ForCausalLM", "DeepseekV2ForCausalLM", False),
+    "qwen3_moe": (QWEN3_MOE, "Qwen3MoeModel", "Qwen3MoeForCausalLM", True),
+    "mixtral": (MIXTRAL, "MixtralModel", "MixtralForCausalLM", True),
+}
+STANDIN_ROOTS = ("vllm", "vllm_ascend", "torch_npu")
+
+
+# --------------------------------------------------------------------------------------------
+# The vLLM wheel
+
+
+def _has_member(wheel: Path, member: str) -> bool:
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            return member in archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _cached_vllm_wheels(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob(f"vllm-{VLLM_VERSION}-*.whl") if _has_member(p, FUSED_MOE))
+
+
+@functools.cache
+def find_vllm_wheel() -> Path:
+    """The vllm wheel: $W4A8CONV_VLLM_WHEEL, else the cache, else `pip download` into the cache."""
+    given = os.environ.get(VLLM_WHEEL_ENV)
+    if given:
+        path = Path(given).expanduser()
+        if not _has_member(path, FUSED_MOE):
+            raise HarnessUnavailable(f"${VLLM_WHEEL_ENV}={given}: not a wheel holding {FUSED_MOE}")
+        return path
+    cache_dir = Path(os.environ.get(VLLM_CACHE_ENV) or DEFAULT_VLLM_CACHE).expanduser()
+    found = _cached_vllm_wheels(cache_dir)
+    if found:
+        return found[0]
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        for broken in cache_dir.glob(f"vllm-{VLLM_VERSION}-*.whl"):  # pip would reuse a broken file
+            broken.unlink()
+    except OSError as exc:
+        raise HarnessUnavailable(f"cannot create the wheel cache {cache_dir}: {exc}") from None
+    base = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-d", str(cache_dir),
+            "--disable-pip-version-check", "--quiet"]
+    errors = []
+    for extra in ([], VLLM_FALLBACK_TAGS):
+        try:
+            done = subprocess.run(base + extra + [f"vllm=={VLLM_VERSION}"], capture_output=True, text=True,
+                                  timeout=900, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            errors.append(str(exc))
+            continue
+        found = _cached_vllm_wheels(cache_dir)
+        if found:
+            return found[0]
+        errors.append((done.stderr or done.stdout).strip()[-600:])
+    raise HarnessUnavailable(f"could not download vllm=={VLLM_VERSION} into {cache_dir} "
+                             f"(set ${VLLM_WHEEL_ENV} to a wheel on disk): {' | '.join(errors)}")
+
+
+def _wheels() -> tuple[Path, Path]:
+    """(vllm wheel, vllm-ascend wheel); HarnessUnavailable when either cannot be had."""
+    return find_vllm_wheel(), _ascend.find_wheel()
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and compiling wheel source
+
+
+@functools.cache
+def _member_text(wheel: Path, member: str) -> str:
+    with zipfile.ZipFile(wheel) as archive:
+        try:
+            return archive.read(member).decode("utf-8")
+        except KeyError:
+            raise HarnessUnavailable(f"{wheel.name} has no {member}") from None
+
+
+def _filename(wheel: Path, member: str) -> str:
+    """The name code from a wheel member is compiled under; registered with linecache for tracebacks."""
+    name = f"{wheel.name}/{member}"
+    if name not in linecache.cache:
+        text = _member_text(wheel, member)
+        linecache.cache[name] = (len(text), None, text.splitlines(keepends=True), name)
+    return name
+
+
+class _NoAnnotations(ast.NodeTransformer):
+    """Drop annotations: they name types nobody stands in for and take no part in behaviour."""
+
+    def visit_arg(self, node: ast.arg) -> ast.arg:
+        node.annotation = None
+        return node
+
+    def _function(self, node):
+        node.returns = None
+        self.generic_visit(node)
+        return node
+
+    visit_FunctionDef = visit_AsyncFunctionDef = _function
+
+    def visit_AnnAssign(self, node: ast.AnnAssign):
+        self.generic_visit(node)
+        if node.value is None:
+            return ast.copy_location(ast.Pass(), node)
+        return ast.copy_location(ast.Assign(targets=[node.target], value=node.value), node)
+
+
+@functools.cache
+def _tree(wheel: Path, member: str) -> ast.Module:
+    tree = ast.parse(_member_text(wheel, member), _filename(wheel, member))
+    return _NoAnnotations().visit(tree)
+
+
+def _defined_name(node: ast.stmt) -> str | None:
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return node.name
+    if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+        return node.targets[0].id
+    return None
+
+
+def _top_level(wheel: Path, member: str, name: str) -> ast.stmt:
+    found = [node for node in _tree(wheel, member).body if _defined_name(node) == name]
+    if not found:
+        raise HarnessUnavailable(f"{wheel.name}/{member} defines no top-level {name!r}")
+    return found[-1]
+
+
+def _class_members(wheel: Path, member: str, class_name: str, names: Iterable[str]) -> list[ast.stmt]:
+    """The definitions of `names` in a class body, in source order (all @overload variants included)."""
+    cls = _top_level(wheel, member, class_name)
+    if not isinstance(cls, ast.ClassDef):
+        raise HarnessUnavailable(f"{wheel.name}/{member}: {class_name} is not a class")
+    wanted = set(names)
+    picked = [node for node in cls.body if _defined_name(node) in wanted]
+    missing = wanted - {_defined_name(node) for node in picked}
+    if missing:
+        raise HarnessUnavailable(f"{wheel.name}/{member}: {class_name} defines no {sorted(missing)}")
+    return picked
+
+
+@functools.cache
+def _code_top_level(wheel: Path, member: str, names: tuple[str, ...]):
+    body = [_top_level(wheel, member, name) for name in names]
+    return compile(ast.Module(body=body, type_ignores=[]), _filename(wheel, member), "exec")
+
+
+@functools.cache
+def _code_class(wheel: Path, member: str, class_name: str, names: tuple[str, ...], new_name: str):
+    """`class <new_name>(__harness_base__): <the real definitions of names in class_name>`."""
+    members = _class_members(wheel, member, class_name, names)
+    original = _top_level(wheel, member, class_name)
+    extra = {"type_params": []} if "type_params" in ast.ClassDef._fields else {}
+    cls = ast.ClassDef(name=new_name, bases=[ast.Name(id="__harness_base__", ctx=ast.Load())], keywords=[],
+                       body=members, decorator_list=[], **extra)
+    ast.copy_location(cls, original)
+    module = ast.fix_missing_locations(ast.Module(body=[cls], type_ignores=[]))
+    return compile(module, _filename(wheel, member), "exec")
+
+
+def _define(wheel: Path, member: str, names: Iterable[str], namespace: dict) -> dict:
+    """Execute the real top-level definitions `names` of a wheel member into `namespace`."""
+    exec(_code_top_level(wheel, member, tuple(names)), namespace)
+    return namespace
+
+
+def _real_class(wheel: Path, member: str, class_name: str, names: Iterable[str], base: type, namespace: dict,
+                new_name: str | None = None) -> type:
+    """A class named like the real one, deriving from `base`, whose body is the real `names`."""
+    new_name = new_name or class_name
+    scope = dict(namespace, __harness_base__=base)
+    exec(_code_class(wheel, member, class_name, tuple(names), new_name), scope)
+    return scope[new_name]
+
+
+def _literal(wheel: Path, member: str, name: str, class_name: str | None = None):
+    """The literal value assigned to a (class-level) name in a wheel member."""
+    nodes = (_class_members(wheel, member, class_name, [name]) if class_name
+             else [_top_level(wheel, member, name)])
+    return ast.literal_eval(nodes[-1].value)
+
+
+# --------------------------------------------------------------------------------------------
+# importlib.metadata for the stand-in packages
+
+
+@functools.cache
+def _dist_dir(vllm_wheel: Path, ascend_wheel: Path) -> str:
+    """A directory with the wheels' real dist-info METADATA (for importlib.metadata.version)."""
+    root = tempfile.mkdtemp(prefix="w4a8conv-serving-dist-")
+    atexit.register(shutil.rmtree, root, True)
+    for wheel, dist in ((vllm_wheel, f"vllm-{VLLM_VERSION}.dist-info"),
+                        (ascend_wheel, f"vllm_ascend-{VLLM_ASCEND_VERSION}.dist-info")):
+        folder = Path(root) / dist
+        folder.mkdir()
+        (folder / "METADATA").write_text(_member_text(wheel, f"{dist}/METADATA"), encoding="utf-8")
+    return root
+
+
+# --------------------------------------------------------------------------------------------
+# Stand-ins written from behaviour
+
+
+class _Logger:
+    """vLLM's logger interface (`info_once`, `warning_once`, ...), forwarded to logging."""
+
+    def __init__(self, name: str = "w4a8conv.vllm_serving_harness"):
+        self._log = logging.getLogger(name)
+
+    def __getattr__(self, method: str):
+        level = method.removesuffix("_once")
+        target = getattr(self._log, level if level in ("debug", "info", "warning", "error", "exception",
+                                                       "critical") else "debug")
+        return lambda msg, *args, **kwargs: target(msg, *args)
+
+
+def _unavailable(name: str):
+    def call(*args, **kwargs):
+        raise NotImplementedError(f"{name} is not part of weight loading (harness stand-in)")
+    return call
+
+
+def _dummy_class(name: str, module: str, base: type = object) -> type:
+    def init(self, *args, **kwargs):
+        raise NotImplementedError(f"{module}.{name} is a harness stand-in (only W4A8_DYNAMIC is real)")
+    return type(name, (base,), {"__init__": init, "__module__": module})
+
+
+def _divide(numerator: int, denominator: int) -> int:
+    if numerator % denominator:
+        raise ValueError(f"{numerator} is not divisible by {denominator}")
+    return numerator // denominator
+
+
+class _FusedMoEInit(torch.nn.Module):
+    """The weight-relevant part of vLLM FusedMoE.__init__ (written from behaviour)."""
+
+    def __init__(self, *, num_experts: int, hidden_size: int, intermediate_size: int, params_dtype: torch.dtype,
+                 quant_config, prefix: str, moe_parallel_config: SimpleNamespace):
+        super().__init__()
+        self.moe_parallel_config = moe_parallel_config  # read by the real tp_size/ep_size/... properties
+        self.global_num_experts = num_experts
+        self.layer_name = prefix
+        self.prefix = prefix
+        self.hidden_size = hidden_size
+        self.intermediate_size_per_partition = intermediate_size // self.tp_size
+        self.params_dtype = params_dtype
+        self.quant_config = quant_config
+        self.custom_routing_function = None
+        self.e_score_correction_bias = None
+        self.moe_config = SimpleNamespace(num_experts=num_experts, hidden_dim=hidden_size,
+                                          intermediate_size_per_partition=self.intermediate_size_per_partition,
+                                          in_dtype=params_dtype, moe_parallel_config=moe_parallel_config)
+
+
+class _LinearInit(torch.nn.Module):
+    """The weight-relevant part of the LinearBase subclasses' constructors (written from behaviour)."""
+
+    def __init__(self, *, prefix: str, input_size: int, output_sizes: list[int], input_size_per_partition: int,
+                 output_partition_sizes: list[int], params_dtype: torch.dtype, quant_config, tp_size: int,
+                 tp_rank: int):
+        super().__init__()
+        self.prefix = prefix
+        self.input_size = input_size
+        self.output_sizes = list(output_sizes)
+        self.output_size = sum(output_sizes)
+        self.input_size_per_partition = input_size_per_partition
+        self.output_partition_sizes = list(output_partition_sizes)
+        self.output_size_per_partition = sum(output_partition_sizes)
+        self.params_dtype = params_dtype
+        self.quant_config = quant_config
+        self.tp_size, self.tp_rank = tp_size, tp_rank
+        self.skip_bias_add = False
+        self.quant_method = quant_config.get_quant_method(self, prefix=prefix)
+        if self.quant_method is None:
+            raise ValueError(f"{prefix}: the quantization config gives no method for this layer")
+        self.quant_method.create_weights(self, self.input_size_per_partition, self.output_partition_sizes,
+                                         self.input_size, self.output_size, self.params_dtype,
+                                         weight_loader=self.weight_loader)
+        self.register_parameter("bias", None)
+
+
+class _ModelRoot(torch.nn.Module):
+    """The attributes a model's load_weights reads; submodules are attached by ServingEnv.model."""
+
+    def __init__(self, config: SimpleNamespace, quant_config, num_redundant_experts: int = 0):
+        super().__init__()
+        self.config = config
+        self.quant_config = quant_config
+        self.num_redundant_experts = num_redundant_experts
+
+
+class _AutoLoadedRoot(torch.nn.Module):
+    """A ForCausalLM whose load_weights hands `model.*` to its `model` child, as vLLM's AutoWeightsLoader does."""
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        def inner():
+            for name, tensor in weights:
+                head, _, rest = name.partition(".")
+                if head != "model":
+                    raise ValueError(f"{name}: this harness routes only model.* weights (to the `model` child)")
+                yield rest, tensor
+        return {f"model.{name}" for name in self.model.load_weights(inner())}
+
+
+def _module(name: str, attrs: dict | None = None, package: bool = False, file: str | None = None) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=package)
+    module.__package__ = name if package else name.rpartition(".")[0]
+    if package:
+        module.__path__ = []
+    if file:
+        module.__file__ = file
+    module.__dict__.update(attrs or {})
+    return module
+
+
+# --------------------------------------------------------------------------------------------
+# The environment
+
+
+class ServingEnv:
+    """One rank of a vLLM 0.11.0 + vllm-ascend 0.11.0 server, for loading weights on the CPU.
+
+    Use as a context manager; inside it, `vllm.*`, `vllm_ascend.*` and `torch_npu` are importable
+    (the real vllm-ascend quantization modules among stand-ins), and the methods below build layers,
+    load a checkpoint through the model's real load_weights, and post-process.
+    """
+
+    def __init__(self, description: dict, *, model_type: str = "deepseek_v3", tp_size: int = 1, tp_rank: int = 0,
+                 ep_size: int = 1, ep_rank: int = 0, params_dtype: torch.dtype = torch.bfloat16):
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type {model_type!r}: the harness knows {sorted(MODEL_TYPES)}")
+        if not (tp_size >= 1 and ep_size >= 1 and 0 <= tp_rank < tp_size and 0 <= ep_rank < ep_size):
+            raise ValueError(f"bad split: tp {tp_rank}/{tp_size}, ep {ep_rank}/{ep_size}")
+        if ep_size > 1 and tp_size != 1:
+            raise ValueError("with expert parallelism this harness requires tp_size 1")
+        self.description = dict(description)  # AscendQuantConfig adds keys to the dict it is given
+        self.model_type = model_type
+        self.tp_size, self.tp_rank, self.ep_size, self.ep_rank = tp_size, tp_rank, ep_size, ep_rank
+        self.enable_ep = ep_size > 1
+        self.params_dtype = params_dtype
+        self.quant_config = None
+        self._active = False
+
+    # ---- context
+
+    def __enter__(self) -> ServingEnv:
+        if self._active:
+            raise RuntimeError("ServingEnv is not reentrant")
+        self.vllm_wheel, self.ascend_wheel = _wheels()
+        self._saved_modules = {n: m for n, m in sys.modules.items() if self._ours(n)}
+        self._saved_path = list(sys.path)
+        self._added: set[str] = set()
+        self._active = True
+        try:
+            self._dist = _dist_dir(self.vllm_wheel, self.ascend_wheel)
+            sys.path.insert(0, self._dist)
+            self._install()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for name in [n for n in sys.modules if self._ours(n) or n in self._added]:
+            del sys.modules[name]
+        sys.modules.update(self._saved_modules)
+        sys.path[:] = self._saved_path
+        sys.path_importer_cache.pop(getattr(self, "_dist", None), None)
+        self._active = False
+
+    @staticmethod
+    def _ours(name: str) -> bool:
+        return name.partition(".")[0] in STANDIN_ROOTS
+
+    def _require_active(self) -> None:
+        if not self._active:
+            raise RuntimeError("use ServingEnv as a context manager (with ServingEnv(...) as env: ...)")
+
+    # ---- module installation
+
+    def _add(self, name: str, module: types.ModuleType) -> types.ModuleType:
+        sys.modules[name] = module
+        self._added.add(name)
+        parent, _, child = name.rpartition(".")
+        if parent and parent in sys.modules:
+            setattr(sys.modules[parent], child, module)
+        return module
+
+    def _exec(self, name: str, wheel: Path, member: str, package: bool = False) -> types.ModuleType:
+        """A whole real module from a wheel, executed as `name` (its imports resolve through sys.modules)."""
+        module = self._add(name, _module(name, package=package, file=_filename(wheel, member)))
+        exec(compile(_member_text(wheel, member), _filename(wheel, member), "exec"), module.__dict__)
+        return module
+
+    def _install(self) -> None:
+        vw, aw = self.vllm_wheel, self.ascend_wheel
+        ep_world = self.ep_size if self.enable_ep else self.tp_size  # EP off: the EP group spans the MoE TP ranks
+        ep_rank = self.ep_rank if self.enable_ep else self.tp_rank
+        logger = _Logger()
+        platform = SimpleNamespace(use_sync_weight_loader=lambda: False, is_cuda_alike=lambda: False,
+                                   is_cuda=lambda: False, is_rocm=lambda: False, is_cpu=lambda: False,
+                                   is_out_of_tree=lambda: True, device_type="npu", device_name="npu")
+        self.vllm_config = SimpleNamespace(
+            quant_config=None,  # the real AscendQuantConfig, below
+            parallel_config=SimpleNamespace(enable_expert_parallel=self.enable_ep, tensor_parallel_size=self.tp_size,
+                                            data_parallel_size=self.ep_size if self.enable_ep else 1,
+                                            expert_placement_strategy="linear"),
+            model_config=SimpleNamespace(hf_config=SimpleNamespace(model_type=self.model_type),
+                                         dtype=self.params_dtype),
+            compilation_config=SimpleNamespace(static_forward_context={}))
+        tp_group = SimpleNamespace(world_size=self.tp_size, rank_in_group=self.tp_rank)
+        ep_group = SimpleNamespace(world_size=ep_world, rank_in_group=ep_rank)
+        dp_group = SimpleNamespace(world_size=self.ep_size if self.enable_ep else 1,
+                                   rank_in_group=self.ep_rank if self.enable_ep else 0)
+        self.ascend_config = SimpleNamespace(dynamic_eplb=False, expert_map_record_path=None, expert_map_path=None,
+                                             init_redundancy_expert=0, enable_shared_expert_dp=False,
+                                             oproj_tensor_parallel_size=None)
+        # The real constants of vllm_ascend/utils.py (the module itself pulls in the NPU runtime).
+        ascend_utils = {name: _literal(aw, ASCEND_UTILS, name)
+                        for name in ("ASCEND_QUANTIZATION_METHOD", "ACL_FORMAT_FRACTAL_ND", "ACL_FORMAT_FRACTAL_NZ")}
+
+        # torch_npu and the vllm/vllm_ascend packages
+        self._add("torch_npu", _module("torch_npu", dict(
+            npu_convert_weight_to_int4pack=_ascend.npu_convert_weight_to_int4pack,
+            npu_quantize=_ascend.npu_quantize, npu_format_cast=_ascend.npu_format_cast,
+            npu_weight_quant_batchmatmul=_unavailable("npu_weight_quant_batchmatmul")), package=True))
+        for name in ("vllm", "vllm.model_executor", "vllm.model_executor.layers", "vllm.model_executor.models",
+                     "vllm.model_executor.model_loader", "vllm.distributed.eplb", "vllm.attention"):
+            self._add(name, _module(name, package=True))
+        self._add("vllm.logger", _module("vllm.logger", dict(logger=logger, init_logger=lambda name: logger)))
+        self._add("vllm.config", _module("vllm.config", dict(get_current_vllm_config=lambda: self.vllm_config)))
+        self._add("vllm.distributed", _module("vllm.distributed", dict(
+            get_ep_group=lambda: ep_group, get_tp_group=lambda: tp_group, get_dp_group=lambda: dp_group,
+            get_pp_group=lambda: SimpleNamespace(world_size=1, rank_in_group=0, is_first_rank=True,
+                                                 is_last_rank=True),
+            get_tensor_model_parallel_world_size=lambda: self.tp_size,
+            get_tensor_model_parallel_rank=lambda: self.tp_rank, divide=_divide,
+            tensor_model_parallel_all_reduce=_unavailable("tensor_model_parallel_all_reduce")), package=True))
+        self._add("vllm.forward_context", _module("vllm.forward_context", dict(
+            get_forward_context=_unavailable("get_forward_context"))))
+        self._add("vllm.platforms", _module("vllm.platforms", dict(current_platform=platform), package=True))
+        self._add("vllm.attention.layer", _module("vllm.attention.layer", dict(
+            Attention=type("Attention", (torch.nn.Module,), {"__module__": "vllm.attention.layer"}))))
+
+        # Real vLLM modules, executed whole: quantization base classes and registry, set_weight_attrs.
+        base_config = self._exec("vllm.model_executor.layers.quantization.base_config", vw, BASE_CONFIG)
+        self._exec("vllm.model_executor.layers.quantization", vw, QUANTIZATION_INIT, package=True)
+        sys.modules["vllm.model_executor.layers.quantization"].base_config = base_config
+        mutils = self._exec("vllm.model_executor.utils", vw, MODEL_EXECUTOR_UTILS)
+        QuantizeMethodBase = base_config.QuantizeMethodBase
+        self._QuantizeMethodBase = QuantizeMethodBase
+
+        # vllm.distributed.eplb.eplb_state: EplbState with its real initial physical->logical map
+        EplbState = _real_class(vw, EPLB_STATE, "EplbState", ["build_initial_global_physical_to_logical_map"],
+                                object, {"__name__": "vllm.distributed.eplb.eplb_state"})
+        self._add("vllm.distributed.eplb.eplb_state", _module("vllm.distributed.eplb.eplb_state",
+                                                               dict(EplbState=EplbState)))
+
+        # vllm.model_executor.layers.fused_moe: real FusedMoeWeightScaleSupported, FusedMoEMethodBase,
+        # determine_expert_map; FusedMoE = stand-in constructor + the real loader methods.
+        moe_ns = {"__name__": "vllm.model_executor.layers.fused_moe.layer", "torch": torch, "F": torch.nn.functional,
+                  "UninitializedParameter": torch.nn.parameter.UninitializedParameter, "Enum": enum.Enum,
+                  "abstractmethod": abc.abstractmethod, "overload": typing.overload, "Literal": typing.Literal,
+                  "Optional": typing.Optional, "Union": typing.Union, "Callable": collections.abc.Callable,
+                  "Iterable": collections.abc.Iterable, "get_args": typing.get_args,
+                  "nullcontext": contextlib.nullcontext,
+                  "ExpertPlacementStrategy": None,  # only named in determine_expert_map's error message
+                  "EplbState": EplbState, "QuantizeMethodBase": QuantizeMethodBase,
+                  "QuantizationConfig": base_config.QuantizationConfig, "set_weight_attrs": mutils.set_weight_attrs,
+                  "current_platform": platform, "logger": logger,
+                  "get_ep_group": lambda: ep_group, "get_dp_group": lambda: dp_group,
+                  "get_tensor_model_parallel_world_size": lambda: self.tp_size,
+                  "get_current_vllm_config": lambda: self.vllm_config}
+        _define(vw, FUSED_MOE, ["FusedMoeWeightScaleSupported", "FusedMoEMethodBase", "determine_expert_map"], moe_ns)
+        FusedMoE = _real_class(vw, FUSED_MOE, "FusedMoE", [
+            "tp_size", "dp_size", "ep_size", "tp_rank", "dp_rank", "ep_rank", "use_ep",
+            "_load_per_tensor_weight_scale", "_load_combined_w13_weight_scale",
+            "_load_model_weight_or_group_weight_scale", "_load_per_channel_weight_scale", "_load_w13", "_load_w2",
+            "_load_single_value", "_load_g_idx", "_map_global_expert_id_to_local_expert_id", "weight_loader",
+            "make_expert_params_mapping"], _FusedMoEInit, moe_ns)
+        moe_exports = dict(FusedMoE=FusedMoE, FusedMoEMethodBase=moe_ns["FusedMoEMethodBase"],
+                           FusedMoeWeightScaleSupported=moe_ns["FusedMoeWeightScaleSupported"],
+                           determine_expert_map=moe_ns["determine_expert_map"],
+                           FusedMoEConfig=SimpleNamespace)
+        self._add("vllm.model_executor.layers.fused_moe",
+                  _module("vllm.model_executor.layers.fused_moe", moe_exports, package=True))
+        self._add("vllm.model_executor.layers.fused_moe.layer",
+                  _module("vllm.model_executor.layers.fused_moe.layer", moe_exports))
+        self._add("vllm.model_executor.layers.fused_moe.config",
+                  _module("vllm.model_executor.layers.fused_moe.config", dict(FusedMoEConfig=SimpleNamespace)))
+
+        # vllm.model_executor.layers.linear: real LinearMethodBase, shard helpers and v1 weight loaders.
+        class BasevLLMParameter(torch.nn.Parameter):  # vllm.model_executor.parameter, stand-in
+            def __new__(cls, data: torch.Tensor, **kwargs):
+                return super().__new__(cls, data=data, requires_grad=False)
+
+            def __init__(self, data: torch.Tensor, weight_loader=None, **kwargs):
+                self._weight_loader = weight_loader
+
+            @property
+            def weight_loader(self):
+                return self._weight_loader
+
+            @weight_loader.setter
+            def weight_loader(self, value):
+                self._weight_loader = value
+
+        parameter_classes = {name: type(name, (BasevLLMParameter,), {}) for name in (
+            "PerTensorScaleParameter", "ModelWeightParameter", "PackedvLLMParameter", "PackedColumnParameter",
+            "RowvLLMParameter", "BlockQuantScaleParameter", "ChannelQuantScaleParameter", "GroupQuantScaleParameter")}
+        self._add("vllm.model_executor.parameter", _module("vllm.model_executor.parameter",
+                                                           dict(BasevLLMParameter=BasevLLMParameter,
+                                                                **parameter_classes)))
+        linear_ns = {"__name__": "vllm.model_executor.layers.linear", "torch": torch, "nn": torch.nn,
+                     "Parameter": torch.nn.Parameter,
+                     "UninitializedParameter": torch.nn.parameter.UninitializedParameter,
+                     "itertools": itertools, "abstractmethod": abc.abstractmethod, "Any": typing.Any,
+                     "Literal": typing.Literal, "Optional": typing.Optional, "Union": typing.Union,
+                     "logger": logger, "QuantizeMethodBase": QuantizeMethodBase,
+                     "QuantizationConfig": base_config.QuantizationConfig,
+                     "set_weight_attrs": mutils.set_weight_attrs, "current_platform": platform,
+                     "divide": _divide, "BasevLLMParameter": BasevLLMParameter, **parameter_classes}
+        _define(vw, LINEAR, ["WEIGHT_LOADER_V2_SUPPORTED", "adjust_bitblas_shard", "adjust_marlin_shard",
+                             "adjust_bitsandbytes_4bit_shard", "adjust_scalar_to_fused_array",
+                             "left_shift_bitsandbytes_4bit_shard", "LinearMethodBase"], linear_ns)
+        LinearBase = type("LinearBase", (_LinearInit,), {"__module__": linear_ns["__name__"]})
+        Replicated = _real_class(vw, LINEAR, "ReplicatedLinear", ["weight_loader"], LinearBase, linear_ns)
+        Column = _real_class(vw, LINEAR, "ColumnParallelLinear", ["weight_loader"], LinearBase, linear_ns)
+        Merged = _real_class(vw, LINEAR, "MergedColumnParallelLinear", ["weight_loader"], Column, linear_ns)
+        Row = _real_class(vw, LINEAR, "RowParallelLinear", ["weight_loader"], LinearBase, linear_ns)
+        self._linear_classes = {"replicated": Replicated, "column": Column, "merged": Merged, "row": Row}
+        self._add("vllm.model_executor.layers.linear", _module("vllm.model_executor.layers.linear", dict(
+            LinearBase=LinearBase, LinearMethodBase=linear_ns["LinearMethodBase"], ReplicatedLinear=Replicated,
+            ColumnParallelLinear=Column, MergedColumnParallelLinear=Merged, RowParallelLinear=Row,
+            UnquantizedLinearMethod=_dummy_class("UnquantizedLinearMethod", linear_ns["__name__"],
+                                                 linear_ns["LinearMethodBase"]),
+            WEIGHT_LOADER_V2_SUPPORTED=linear_ns["WEIGHT_LOADER_V2_SUPPORTED"])))
+
+        # Other vllm layer modules the quant config imports (classes it only tests isinstance against).
+        self._add("vllm.model_executor.layers.quantization.kv_cache", _module(
+            "vllm.model_executor.layers.quantization.kv_cache",
+            dict(BaseKVCacheMethod=_dummy_class("BaseKVCacheMethod", "vllm.model_executor.layers.quantization."
+                                                "kv_cache", QuantizeMethodBase))))
+        self._add("vllm.model_executor.layers.vocab_parallel_embedding", _module(
+            "vllm.model_executor.layers.vocab_parallel_embedding", dict(
+                VocabParallelEmbedding=type("VocabParallelEmbedding", (torch.nn.Module,), {}),
+                UnquantizedEmbeddingMethod=_dummy_class("UnquantizedEmbeddingMethod", "vllm", QuantizeMethodBase))))
+
+        # vllm.model_executor.model_loader.weight_utils: real default_weight_loader, maybe_remap_kv_scale_name
+        weight_ns = _define(vw, WEIGHT_UTILS, ["default_weight_loader", "maybe_remap_kv_scale_name"], {
+            "__name__": "vllm.model_executor.model_loader.weight_utils", "torch": torch, "logger": logger,
+            "Optional": typing.Optional, "Any": typing.Any})
+        self._add("vllm.model_executor.model_loader.weight_utils", _module(
+            "vllm.model_executor.model_loader.weight_utils",
+            {k: weight_ns[k] for k in ("default_weight_loader", "maybe_remap_kv_scale_name")}))
+        if importlib.util.find_spec("regex") is None:  # maybe_remap_kv_scale_name imports it for k/v scales
+            self._add("regex", re)
+
+        # vllm_ascend: the package, _version and the quantization package are real; the rest stand-in.
+        self._exec("vllm_ascend", aw, "vllm_ascend/__init__.py", package=True)
+        self._exec("vllm_ascend._version", aw, "vllm_ascend/_version.py")
+        self._add("vllm_ascend.utils", _module("vllm_ascend.utils", dict(
+            ascend_utils, mlp_tp_enable=lambda: False, oproj_tp_enable=lambda: False, enable_sp=lambda *a: False,
+            is_310p=lambda: False)))
+        self._add("vllm_ascend.ascend_config", _module("vllm_ascend.ascend_config",
+                                                       dict(get_ascend_config=lambda: self.ascend_config)))
+        self._add("vllm_ascend.distributed", _module("vllm_ascend.distributed", package=True))
+        # A group without `device_group`: w4a8_dynamic catches the AttributeError (no HCCL on the CPU).
+        self._add("vllm_ascend.distributed.parallel_state", _module("vllm_ascend.distributed.parallel_state", dict(
+            get_mc2_group=lambda: SimpleNamespace(), get_mlp_tp_group=lambda: tp_group,
+            get_otp_group=lambda: tp_group)))
+        self._add("vllm_ascend.ops", _module("vllm_ascend.ops", package=True))
+        self._add("vllm_ascend.ops.moe", _module("vllm_ascend.ops.moe", package=True))
+        self._add("vllm_ascend.ops.moe.experts_selector", _module("vllm_ascend.ops.moe.experts_selector", dict(
+            select_experts=_unavailable("select_experts"))))
+        self._add("vllm_ascend.ops.linear", _module("vllm_ascend.ops.linear", dict(
+            AscendUnquantizedLinearMethod=_dummy_class("AscendUnquantizedLinearMethod", "vllm_ascend.ops.linear",
+                                                       linear_ns["LinearMethodBase"]))))
+        quant_pkg = self._exec("vllm_ascend.quantization", aw, "vllm_ascend/quantization/__init__.py", package=True)
+        for scheme, classes in (("w8a8", ("AscendW8A8LinearMethod", "AscendW8A8FusedMoEMethod",
+                                          "AscendC8KVCacheMethod")),
+                                ("w8a8_dynamic", ("AscendW8A8DynamicLinearMethod", "AscendW8A8DynamicFusedMoEMethod")),
+                                ("w4a4_flatquant_dynamic", ("AscendW4A4FlatQuantDynamicLinearMethod",))):
+            name = f"vllm_ascend.quantization.{scheme}"
+            self._add(name, _module(name, {c: _dummy_class(c, name) for c in classes}))
+        w4a8 = self._exec("vllm_ascend.quantization.w4a8_dynamic", aw, "vllm_ascend/quantization/w4a8_dynamic.py")
+
+        # vllm_ascend.ops.common_fused_moe: AscendFusedMoE = stand-in constructor + real loader overrides
+        harness = self
+
+        class _AscendFusedMoEInit(FusedMoE):
+            """The weight-relevant part of AscendFusedMoE.__init__ (written from behaviour)."""
+
+            def __init__(self, **kwargs):
+                super().__init__(**kwargs)
+                ascend_config = harness.ascend_config
+                self.expert_map = None
+                self.log2phy = None
+                self.quant_method = self.quant_config.get_quant_method(self, self.layer_name)
+                if self.quant_method is None:
+                    raise ValueError(f"{self.layer_name}: the quantization config gives no method for this layer")
+                self.dynamic_eplb = bool(ascend_config.dynamic_eplb or ascend_config.expert_map_record_path)
+                self.global_redundant_expert_num = ascend_config.init_redundancy_expert
+                self.global_num_experts = kwargs["num_experts"] + self.global_redundant_expert_num
+                self.local_num_experts, self.expert_map = moe_ns["determine_expert_map"](
+                    self.ep_size, self.ep_rank, self.global_num_experts)
+                # the factories get a count of the experts mapped to this rank (a 0-d tensor under EP)
+                local_num_experts = (self.global_num_experts if self.expert_map is None
+                                     else self.expert_map.ne(-1).sum())
+                self.moe_config.num_experts = self.global_num_experts
+                self.moe_config.num_local_experts = self.local_num_experts
+                self.moe_config.original_num_experts = kwargs["num_experts"]
+                self.quant_method.create_weights(layer=self, num_experts=local_num_experts,
+                                                 hidden_size=self.hidden_size,
+                                                 intermediate_size_per_partition=self.intermediate_size_per_partition,
+                                                 params_dtype=self.params_dtype, weight_loader=self.weight_loader)
+
+        fused_ns = {"__name__": "vllm_ascend.ops.common_fused_moe", "torch": torch, "Optional": typing.Optional}
+        AscendFusedMoE = _real_class(aw, ASCEND_FUSED_MOE, "AscendFusedMoE",
+                                     ["transpose_weight", "_load_w13", "_load_w2"], _AscendFusedMoEInit, fused_ns)
+        self._moe_class = AscendFusedMoE
+        self._add("vllm_ascend.ops.common_fused_moe", _module("vllm_ascend.ops.common_fused_moe", dict(
+            AscendFusedMoE=AscendFusedMoE,
+            AscendUnquantizedFusedMoEMethod=_dummy_class("AscendUnquantizedFusedMoEMethod",
+                                                         "vllm_ascend.ops.common_fused_moe",
+                                                         moe_ns["FusedMoEMethodBase"]))))
+
+        # The real quantization dispatch and config.
+        utils = self._exec("vllm_ascend.quantization.utils", aw, "vllm_ascend/quantization/utils.py")
+        quant_config = self._exec("vllm_ascend.quantization.quant_config", aw,
+                                  "vllm_ascend/quantization/quant_config.py")
+        assert utils.ASCEND_QUANTIZATION_METHOD_MAP["W4A8_DYNAMIC"]["moe"] is w4a8.AscendW4A8DynamicFusedMoEMethod
+        assert quant_pkg.utils is utils and quant_pkg.w4a8_dynamic is w4a8
+        self.quant_config = quant_config.AscendQuantConfig(self.description)
+        self.vllm_config.quant_config = self.quant_config
+        # vLLM's configure_quant_config: the model class's packed_modules_mapping, passed by reference
+        models_file, loader_class, causal_lm_class, inner = MODEL_TYPES[self.model_type]
+        self.quant_config.packed_modules_mapping = _literal(vw, models_file, "packed_modules_mapping",
+                                                            causal_lm_class)
+
+        # The model's real load_weights
+        model_ns = {"__name__": f"vllm.model_executor.models.{Path(models_file).stem}", "typing": typing,
+                    "torch": torch, "nn": torch.nn, "Callable": collections.abc.Callable,
+                    "Iterable": collections.abc.Iterable, "Optional": typing.Optional, "Union": typing.Union,
+                    "Any": typing.Any, "FusedMoE": FusedMoE, "logger": logger,
+                    "is_pp_missing_parameter": lambda name, model: False,  # no pipeline parallelism
+                    "default_weight_loader": weight_ns["default_weight_loader"],
+                    "maybe_remap_kv_scale_name": weight_ns["maybe_remap_kv_scale_name"]}
+        if models_file == DEEPSEEK:
+            _define(vw, DEEPSEEK, ["get_spec_layer_idx_from_weight_name"], model_ns)
+            methods = ["load_weights"]
+        else:
+            methods = ["get_expert_mapping", "load_weights"]
+        self._model_class = _real_class(vw, models_file, loader_class, methods, _ModelRoot, model_ns)
+        self._inner_loader = inner
+
+    # ---- layers and model
+
+    def moe_layer(self, prefix: str, num_experts: int, hidden: int, intermediate: int) -> torch.nn.Module:
+        """vllm-ascend's AscendFusedMoE for this rank: the real quant method's parameters, real loaders."""
+        self._require_active()
+        if intermediate % self.tp_size:
+            raise ValueError(f"{prefix}: intermediate {intermediate} does not split over tp {self.tp_size}")
+        if self.enable_ep:
+            parallel = SimpleNamespace(tp_size=1, tp_rank=0, dp_size=self.ep_size, dp_rank=self.ep_rank,
+                                       ep_size=self.ep_size, ep_rank=self.ep_rank, use_ep=True)
+        else:
+            parallel = SimpleNamespace(tp_size=self.tp_size, tp_rank=self.tp_rank, dp_size=1, dp_rank=0, ep_size=1,
+                                       ep_rank=0, use_ep=False)
+        return self._moe_class(num_experts=num_experts, hidden_size=hidden, intermediate_size=intermediate,
+                               params_dtype=self.params_dtype, quant_config=self.quant_config, prefix=prefix,
+                               moe_parallel_config=parallel)
+
+    def linear_layer(self, prefix: str, kind: str, input_size: int, output_sizes: list[int]) -> torch.nn.Module:
+        """A Linear layer of `kind` replicated/column/merged/row with vLLM's real v1 weight_loader."""
+        self._require_active()
+        if kind not in self._linear_classes:
+            raise ValueError(f"kind {kind!r}: one of {sorted(self._linear_classes)}")
+        output_sizes = list(output_sizes)
+        if kind != "merged" and len(output_sizes) != 1:
+            raise ValueError(f"{kind} layer {prefix}: one output size expected, got {output_sizes}")
+        tp = self.tp_size
+        if kind == "replicated":
+            in_part, out_parts = input_size, output_sizes
+        elif kind == "row":
+            in_part, out_parts = _divide(input_size, tp), output_sizes
+        else:
+            in_part, out_parts = input_size, [_divide(size, tp) for size in output_sizes]
+        return self._linear_classes[kind](prefix=prefix, input_size=input_size, output_sizes=output_sizes,
+                                          input_size_per_partition=in_part, output_partition_sizes=out_parts,
+                                          params_dtype=self.params_dtype, quant_config=self.quant_config,
+                                          tp_size=tp, tp_rank=self.tp_rank)
+
+    def model(self, modules: dict[str, torch.nn.Module], **config) -> torch.nn.Module:
+        """A module tree holding each module at its dotted prefix, with the attributes load_weights reads.
+
+        `config` overrides the hf_config fields (by default: the experts of the MoE layers given,
+        num_hidden_layers from the `layers.N` prefixes, num_nextn_predict_layers=0).
+        """
+        self._require_active()
+        experts = {m.moe_config.original_num_experts for m in modules.values() if isinstance(m, self._moe_class)}
+        if len(experts) > 1 and not {"n_routed_experts", "num_experts", "num_local_experts"} & set(config):
+            raise ValueError(f"MoE layers with different expert counts {sorted(experts)}: pass the config field")
+        num_experts = experts.pop() if experts else 0
+        layers = [int(m.group(1)) for p in modules for m in [re.search(r"(?:^|\.)layers\.(\d+)(?:\.|$)", p)] if m]
+        fields = dict(model_type=self.model_type, n_routed_experts=num_experts, num_experts=num_experts,
+                      num_local_experts=num_experts, num_hidden_layers=max(layers, default=-1) + 1,
+                      num_nextn_predict_layers=0)
+        fields.update(config)
+        hf_config = SimpleNamespace(**fields)
+        if self._inner_loader:
+            root = _AutoLoadedRoot()
+            root.config = hf_config
+            root.model = self._model_class(hf_config, self.quant_config)
+        else:
+            root = self._model_class(hf_config, self.quant_config)
+        for prefix, module in modules.items():
+            *path, last = prefix.split(".")
+            node = root
+            for part in path:
+                child = node._modules.get(part)
+                if child is None:
+                    child = torch.nn.Module()
+                    node.add_module(part, child)
+                node = child
+            if last in node._modules:
+                raise ValueError(f"{prefix}: a module is already there")
+            node.add_module(last, module)
+        return root
+
+    # ---- loading
+
+    def load_weights(self, model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """The model type's real load_weights loop over (name, tensor) pairs; the names it loaded."""
+        self._require_active()
+        return model.load_weights(weights)
+
+    def process_weights_after_loading(self, model: torch.nn.Module) -> None:
+        """As vLLM's loader does: every submodule's quant method post-processes it (Tensor.npu() = identity)."""
+        self._require_active()
+        with _ascend._tensor_npu_identity():
+            for _, module in model.named_modules():
+                method = getattr(module, "quant_method", None)
+                if isinstance(method, self._QuantizeMethodBase):
+                    method.process_weights_after_loading(module)
+
+
+def weights_from_dir(root: Path | str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of every *.safetensors file of a checkpoint directory: files by name, tensors in the
+    order `safe_open(...).keys()` gives them (by name; vLLM's safetensors_weights_iterator reads a file
+    the same way, so this is the order a server sees, not the header's offset order)."""
+    for path in sorted(Path(root).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+                yield name, handle.get_tensor(name)

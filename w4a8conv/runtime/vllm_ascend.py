@@ -1,0 +1,350 @@
+"""vLLM plugin: serve w4a8conv's converted checkpoints from vllm-ascend without re-processing.
+
+`register` is the `vllm.general_plugins` entry point; vLLM calls it in every process. It adds the
+converted type (W4A8_DYNAMIC_NPU) to vllm-ascend's `ASCEND_QUANTIZATION_METHOD_MAP` with two
+schemes built on vllm-ascend's own W4A8_DYNAMIC ones, so serving (`apply`) is vllm-ascend's code:
+
+* parameters are created in the converted, final shapes for this rank (docs/format.md);
+* each gets a weight loader of ours: converted tensors are in kernel orientation, where vLLM's
+  loaders would cut the wrong axis. Expert tensors arrive through vLLM's usual expert routing
+  (`experts.<e>.<proj>.` -> `w13_`/`w2_`), one expert at a time, and are cut for the rank by
+  `split.expert_rank_part`, the same code the checkpoint view uses;
+* `process_weights_after_loading` checks that every part of every parameter was loaded, then does
+  the only device-side step left, the FRACTAL_NZ cast of the expert weights.
+
+Anything it cannot serve exactly is refused with `ServingError` / `NotConvertedError` /
+`UnsupportedSplitError`: a description without a valid stamp, a layout version it does not know, a
+layer the stamp does not describe, a split the layout cannot cut, a vllm-ascend release it was not
+built against, or a parameter left (partly) unloaded.
+
+vllm-ascend wraps each scheme in `AscendFusedMoEMethod` / `AscendLinearMethod`, whose `create_weights`
+registers the parameters with vLLM's weight loader; the schemes cannot see the layer before that.
+`register` therefore wraps those two `create_weights` once, to hand the layer to a scheme of ours
+right after; the wrapper does nothing for other schemes.
+
+Nothing here imports vllm, vllm_ascend or torch_npu until `register` runs in a process that has them.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.metadata
+import re
+from collections.abc import Callable
+
+import torch
+
+from ..constants import CONVERTED_TYPE, DESCRIPTION_NAME, INT4_PER_INT32, QuantVersion
+from ..errors import ServingError, UnsupportedSplitError
+from ..layout import linear_tensor_specs
+from .checkpoint import checked_stamp
+from .split import check_tp, expert_rank_part
+
+__all__ = ["register", "SUPPORTED_VLLM_ASCEND"]
+
+# Releases whose quantization plumbing this plugin was exercised against (tests/test_vllm_plugin.py).
+# 0.12 and 0.13 change the wrappers' constructors and the NZ cast, and 0.14 replaces the map with a
+# scheme registry; they are refused until exercised the same way.
+SUPPORTED_VLLM_ASCEND = ((0, 11),)
+_MARK = "_w4a8conv_scheme"
+_SHARD_IDS = {"q": 0, "k": 1, "v": 2}
+
+
+def _vllm_ascend_version() -> str | None:
+    for name in ("vllm-ascend", "vllm_ascend"):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _release(version: str) -> tuple[int, int]:
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match[1]), int(match[2])) if match else (-1, -1)
+
+
+def register() -> None:
+    """Register the converted type with vllm-ascend; idempotent, and a no-op without vllm-ascend."""
+    version = _vllm_ascend_version()
+    if version is None:
+        return  # not an Ascend serving environment: nothing to serve here
+    if _release(version) not in SUPPORTED_VLLM_ASCEND:
+        supported = ", ".join(f"{a}.{b}.x" for a, b in SUPPORTED_VLLM_ASCEND)
+        raise ServingError(f"w4a8conv serves {CONVERTED_TYPE} checkpoints with vllm-ascend {supported}; "
+                           f"vllm-ascend {version} is installed. Install a supported release, or remove "
+                           "w4a8conv from this environment.")
+    utils = importlib.import_module("vllm_ascend.quantization.utils")
+    wrappers = importlib.import_module("vllm_ascend.quantization.quant_config")
+    registered = utils.ASCEND_QUANTIZATION_METHOD_MAP.get(CONVERTED_TYPE, {})
+    if not all(getattr(registered.get(kind), _MARK, False) for kind in ("moe", "linear")):
+        base = importlib.import_module("vllm_ascend.quantization.w4a8_dynamic")
+        utils.ASCEND_QUANTIZATION_METHOD_MAP[CONVERTED_TYPE] = {
+            "moe": _moe_scheme(base.AscendW4A8DynamicFusedMoEMethod),
+            "linear": _linear_scheme(base.AscendW4A8DynamicLinearMethod),
+        }
+    for wrapper in (wrappers.AscendFusedMoEMethod, wrappers.AscendLinearMethod):
+        _hand_layer_to_scheme(wrapper)
+
+
+def _hand_layer_to_scheme(wrapper: type) -> None:
+    original = wrapper.create_weights
+    if getattr(original, _MARK, False):
+        return
+
+    @functools.wraps(original)
+    def create_weights(self, layer, *args, **kwargs):
+        original(self, layer, *args, **kwargs)
+        scheme = getattr(self, "quant_method", None)
+        if getattr(scheme, _MARK, False):
+            scheme.attach(layer)
+
+    setattr(create_weights, _MARK, True)
+    wrapper.create_weights = create_weights
+
+
+# ------------------------------------------------------------------------------------------------
+# What every scheme shares
+
+
+def _description() -> dict:
+    config = importlib.import_module("vllm.config").get_current_vllm_config()
+    return config.quant_config.quant_description
+
+
+def _stamp() -> dict:
+    return checked_stamp(_description(), DESCRIPTION_NAME + " (as vLLM loaded it)")
+
+
+def _record(stamp: dict, prefix: str, kind: str) -> tuple[str, dict]:
+    """The stamp's record of the module a layer serves; vllm-ascend drops a leading `language_model.`."""
+    for candidate in (prefix, prefix.removeprefix("language_model."), "language_model." + prefix):
+        record = stamp["modules"].get(candidate)
+        if record is not None and record.get("kind") == kind:
+            return candidate, record
+    raise ServingError(f"{prefix}: the checkpoint's stamp records no converted {kind} layer of that name, so "
+                       "its parameters cannot be checked against the stored tensors")
+
+
+class _Loads:
+    """Which parts of each parameter were written: a flag per (index, shard) and a name for errors."""
+
+    def __init__(self, layer_name: str):
+        self.layer_name = layer_name
+        self.marks: dict[str, torch.Tensor] = {}
+
+    def expect(self, param: str, rows: int, shards: int) -> None:
+        self.marks[param] = torch.zeros(rows, shards, dtype=torch.bool)
+
+    def mark(self, param: str, row: int | slice, shard: int | slice) -> None:
+        self.marks[param][row, shard] = True
+
+    def check(self) -> None:
+        missing = {name: (~mark).nonzero().tolist() for name, mark in self.marks.items() if not bool(mark.all())}
+        if missing:
+            detail = "; ".join(f"{name} at (row, shard) {where[:4]}{' ...' if len(where) > 4 else ''}"
+                               for name, where in missing.items())
+            raise ServingError(f"{self.layer_name}: parameters left unloaded ({detail}): the checkpoint lacks "
+                               "tensors this rank needs, or the model's loader routed them elsewhere")
+
+
+def _copy(dest: torch.Tensor, part: torch.Tensor, what: str) -> None:
+    if tuple(dest.shape) != tuple(part.shape) or dest.dtype != part.dtype:
+        raise ServingError(f"{what}: stored {part.dtype} {list(part.shape)} does not fit the parameter's "
+                           f"{dest.dtype} {list(dest.shape)}")
+    dest.copy_(part)
+
+
+# ------------------------------------------------------------------------------------------------
+# MoE experts
+
+
+_MOE_PARAMS = {  # parameter -> (output of a stored expert tensor, shards: w1/w3 halves or w2)
+    "w13_weight": ("weight", ("w1", "w3")), "w13_weight_scale": ("weight_scale", ("w1", "w3")),
+    "w13_scale_bias": ("scale_bias", ("w1", "w3")), "w2_weight": ("weight", ("w2",)),
+    "w2_weight_scale": ("weight_scale", ("w2",)), "w2_scale_bias": ("scale_bias", ("w2",)),
+}
+
+
+def _moe_scheme(base: type) -> type:
+    class ConvertedW4A8MoEScheme(base):
+        """vllm-ascend's W4A8_DYNAMIC experts (its `apply`), fed the converted tensors as stored."""
+
+        def __init__(self):
+            super().__init__()
+            self.stamp = _stamp()
+            self.group_size = self.stamp["source"]["group_size"]
+            self.is_per_channel_weight = self.group_size == 0
+            if self.dynamic_eplb:
+                raise ServingError("dynamic EPLB moves experts at run time from int8 copies that a converted "
+                                   "checkpoint does not have; serve it with dynamic EPLB off")
+
+        def get_weight(self, num_experts, intermediate_size_per_partition, hidden_sizes, params_dtype):
+            e, ip, h = int(num_experts), intermediate_size_per_partition, hidden_sizes
+            return {"w13_weight": torch.empty(e, h, 2 * ip // INT4_PER_INT32, dtype=torch.int32),
+                    "w2_weight": torch.empty(e, ip, h // INT4_PER_INT32, dtype=torch.int32)}
+
+        def get_dynamic_quant_param(self, num_experts, intermediate_size_per_partition, hidden_sizes, params_dtype):
+            e, ip, h, g = int(num_experts), intermediate_size_per_partition, hidden_sizes, self.group_size
+            return {"w13_weight_scale": torch.empty(e, h // g if g else 1, 2 * ip, dtype=torch.int64),
+                    "w2_weight_scale": torch.empty(e, ip // g if g else 1, h, dtype=torch.int64),
+                    "w13_scale_bias": torch.empty(e, 2 * ip, dtype=torch.float32),
+                    "w2_scale_bias": torch.empty(e, h, dtype=torch.float32)}
+
+        def attach(self, layer: torch.nn.Module) -> None:
+            """Check the layer against the stamp and give its parameters our loaders."""
+            name = layer.layer_name
+            prefix, record = _record(self.stamp, name.removesuffix(".experts"), "moe")
+            tp_size, tp_rank = layer.tp_size, layer.tp_rank
+            check_tp(prefix, record["intermediate"], record["group_size"], tp_size)
+            if layer.intermediate_size_per_partition * tp_size != record["intermediate"] \
+                    or layer.hidden_size != record["hidden"] or record["group_size"] != self.group_size:
+                raise ServingError(f"{name}: vLLM builds hidden {layer.hidden_size}, intermediate "
+                                   f"{layer.intermediate_size_per_partition} x TP {tp_size}, group {self.group_size}; "
+                                   f"the checkpoint holds hidden {record['hidden']}, intermediate "
+                                   f"{record['intermediate']}, group {record['group_size']}")
+            local_of = _local_experts(layer, record["num_experts"], name)
+            loads = _Loads(name)
+            for param, (output, shards) in _MOE_PARAMS.items():
+                loads.expect(param, len(local_of), len(shards))
+                getattr(layer, param).weight_loader = _expert_loader(
+                    layer_name=name, param=param, output=output, shards=shards, local_of=local_of, loads=loads,
+                    cut=functools.partial(expert_rank_part, intermediate=record["intermediate"],
+                                          group_size=record["group_size"], tp_size=tp_size, tp_rank=tp_rank))
+            layer.w4a8conv_loads = loads
+
+        def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+            layer.w4a8conv_loads.check()
+            del layer.w4a8conv_loads
+            torch_npu = importlib.import_module("torch_npu")
+            nz = importlib.import_module("vllm_ascend.utils").ACL_FORMAT_FRACTAL_NZ
+            for param in ("w13_weight", "w2_weight"):
+                getattr(layer, param).data = torch_npu.npu_format_cast(getattr(layer, param).data, nz)
+
+    setattr(ConvertedW4A8MoEScheme, _MARK, True)
+    return ConvertedW4A8MoEScheme
+
+
+def _local_experts(layer: torch.nn.Module, num_experts: int, name: str) -> dict[int, int]:
+    """Global expert id -> this rank's slot, from vLLM's expert map (None: every expert is local)."""
+    expert_map = getattr(layer, "expert_map", None)
+    if getattr(layer, "global_num_experts", num_experts) != num_experts:
+        raise UnsupportedSplitError(f"{name}: vLLM serves {layer.global_num_experts} physical experts, the "
+                                    f"checkpoint holds {num_experts}; redundant experts are not supported")
+    if expert_map is None:
+        return {e: e for e in range(num_experts)}
+    slots = {e: int(slot) for e, slot in enumerate(expert_map.tolist()) if slot >= 0}
+    if sorted(slots.values()) != list(range(int(layer.local_num_experts))):
+        raise UnsupportedSplitError(f"{name}: the expert map does not give each of the rank's "
+                                    f"{int(layer.local_num_experts)} slots exactly one expert")
+    return slots
+
+
+def _expert_loader(*, layer_name: str, param: str, output: str, shards: tuple[str, ...], local_of: dict[int, int],
+                   loads: _Loads, cut: Callable[..., torch.Tensor]):
+    def load(parameter, loaded_weight, weight_name=None, shard_id=None, expert_id=None, return_success=False):
+        if shard_id not in shards or expert_id is None:
+            raise ServingError(f"{layer_name}.{param}: got {weight_name or 'a tensor'} with shard {shard_id!r}, "
+                               f"expert {expert_id!r}; converted experts load one expert projection at a time")
+        slot = local_of.get(int(expert_id))
+        if slot is None:
+            return False if return_success else None  # another rank's expert
+        part = cut(output, shard_id == "w2", loaded_weight)
+        dest = parameter.data[slot]
+        if len(shards) == 2:  # w13: gate's columns, then up's
+            half = dest.shape[-1] // 2
+            dest = dest[..., :half] if shard_id == "w1" else dest[..., half:]
+        _copy(dest, part.to(dest.device), f"{weight_name or layer_name} -> {param}[{slot}]")
+        loads.mark(param, slot, shards.index(shard_id))
+        return True if return_success else None
+
+    return load
+
+
+# ------------------------------------------------------------------------------------------------
+# Linear layers
+
+
+def _linear_scheme(base: type) -> type:
+    class ConvertedW4A8LinearScheme(base):
+        """vllm-ascend's W4A8_DYNAMIC Linear (its `apply`), fed the converted tensors as stored."""
+
+        def __init__(self):
+            super().__init__()
+            self.stamp = _stamp()
+            self.group_size = self.stamp["source"]["group_size"]
+            self.bias_name = "scale_bias" if self.stamp["source"]["version"] == QuantVersion.V1.value \
+                else "weight_scale_bias"
+
+        def get_weight(self, input_size, output_size, params_dtype):
+            return {"weight": torch.empty(input_size, output_size // INT4_PER_INT32, dtype=torch.int32)}
+
+        @staticmethod
+        def get_pertensor_param(params_dtype, **_):
+            return {}
+
+        @staticmethod
+        def get_perchannel_param(output_size, params_dtype, **_):
+            return {}
+
+        def get_pergroup_param(self, input_size, output_size, params_dtype, layer_type=None):
+            columns = 16 if layer_type == "row" and self.bias_name == "scale_bias" else 1
+            specs = linear_tensor_specs("", output_size, input_size, self.group_size, self.bias_name, columns)
+            return {param: torch.empty(shape, dtype=torch.float32)
+                    for param, (_name, (_dtype, shape)) in specs.items() if param != "weight"}
+
+        def attach(self, layer: torch.nn.Module) -> None:
+            name = layer.prefix
+            if getattr(layer, "tp_size", 1) != 1:
+                raise UnsupportedSplitError(f"{name}: converted W4A8 Linear layers are served at tensor-parallel "
+                                            f"size 1 only (vLLM shards this one over {layer.tp_size} ranks)")
+            records = [_record(self.stamp, shard, "linear")[1] for shard in _shards(layer, name)]
+            sizes = [r["out_features"] for r in records]
+            if list(getattr(layer, "output_sizes", sizes)) != sizes or \
+                    any(r["in_features"] != layer.input_size for r in records):
+                raise ServingError(f"{name}: vLLM builds outputs {list(layer.output_sizes)} x input "
+                                   f"{layer.input_size}; the checkpoint holds {sizes} x "
+                                   f"{[r['in_features'] for r in records]}")
+            loads = _Loads(name)
+            for param in ("weight", "weight_scale_second", self.bias_name):
+                loads.expect(param, 1, len(sizes))
+                getattr(layer, param).weight_loader = _linear_loader(name, param, sizes, loads)
+            layer.w4a8conv_loads = loads
+
+        def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+            layer.w4a8conv_loads.check()
+            del layer.w4a8conv_loads
+
+    setattr(ConvertedW4A8LinearScheme, _MARK, True)
+    return ConvertedW4A8LinearScheme
+
+
+def _shards(layer: torch.nn.Module, prefix: str) -> list[str]:
+    """The checkpoint modules a vLLM layer merges (gate_proj + up_proj -> gate_up_proj), in shard order,
+    by the mapping vllm-ascend itself resolves merged layers with."""
+    mapping = getattr(getattr(layer, "quant_config", None), "packed_modules_mapping", None) or {}
+    proj = prefix.rsplit(".", 1)[-1]
+    return [prefix.replace(proj, shard) for shard in mapping[proj]] if proj in mapping else [prefix]
+
+
+def _linear_loader(layer_name: str, param: str, sizes: list[int], loads: _Loads):
+    """Loads a whole layer, or one shard of a merged one (gate/up, q/k/v) into its output columns."""
+    def load(parameter, loaded_weight, loaded_shard_id=None):
+        if loaded_shard_id is None:
+            if len(sizes) != 1 and tuple(loaded_weight.shape) != tuple(parameter.shape):
+                raise ServingError(f"{layer_name}.{param}: a merged layer got an unsharded tensor")
+            _copy(parameter.data, loaded_weight, f"{layer_name}.{param}")
+            loads.mark(param, 0, slice(None))
+            return
+        index = _SHARD_IDS.get(loaded_shard_id, loaded_shard_id)
+        start, width = sum(sizes[:index]), sizes[index]
+        unit = INT4_PER_INT32 if param == "weight" else 1
+        if start % unit or width % unit:
+            raise UnsupportedSplitError(f"{layer_name}: shard {loaded_shard_id} starts at column {start} with "
+                                        f"{width} columns, not whole int32 words of {INT4_PER_INT32} int4 values")
+        axis = 0 if param != "weight" and param != "weight_scale_second" else 1
+        dest = parameter.data.narrow(axis, start // unit, width // unit)
+        _copy(dest, loaded_weight, f"{layer_name}.{param} shard {loaded_shard_id}")
+        loads.mark(param, 0, index)
+
+    return load
