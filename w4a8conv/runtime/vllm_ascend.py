@@ -31,6 +31,7 @@ import importlib
 import importlib.metadata
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -42,10 +43,23 @@ from .split import check_tp, expert_rank_part
 
 __all__ = ["register", "SUPPORTED_VLLM_ASCEND"]
 
+
+
+@dataclass(frozen=True)
+class _Release:
+    """What a vllm-ascend release still does to W4A8 weights after the steps a converted checkpoint
+    already holds: the FRACTAL_NZ cast, and whether Linear weights get it too."""
+
+    nz_cast: str  # "format_cast" (torch_npu.npu_format_cast to ACL_FORMAT_FRACTAL_NZ) or a vllm_ascend.utils function
+    linear_nz: bool
+
+
 # Releases whose quantization plumbing this plugin was exercised against (tests/test_vllm_plugin.py).
-# 0.12 and 0.13 change the wrappers' constructors and the NZ cast, and 0.14 replaces the map with a
-# scheme registry; they are refused until exercised the same way.
-SUPPORTED_VLLM_ASCEND = ((0, 11),)
+# 0.12 exists as a release candidate only; 0.14 replaces the map with a scheme registry.
+RELEASES = {
+    (0, 11): _Release(nz_cast="format_cast", linear_nz=False),
+}
+SUPPORTED_VLLM_ASCEND = tuple(RELEASES)
 _MARK = "_w4a8conv_scheme"
 _SHARD_IDS = {"q": 0, "k": 1, "v": 2}
 
@@ -74,14 +88,15 @@ def register() -> None:
         raise ServingError(f"w4a8conv serves {CONVERTED_TYPE} checkpoints with vllm-ascend {supported}; "
                            f"vllm-ascend {version} is installed. Install a supported release, or remove "
                            "w4a8conv from this environment.")
+    release = RELEASES[_release(version)]
     utils = importlib.import_module("vllm_ascend.quantization.utils")
     wrappers = importlib.import_module("vllm_ascend.quantization.quant_config")
     registered = utils.ASCEND_QUANTIZATION_METHOD_MAP.get(CONVERTED_TYPE, {})
     if not all(getattr(registered.get(kind), _MARK, False) for kind in ("moe", "linear")):
         base = importlib.import_module("vllm_ascend.quantization.w4a8_dynamic")
         utils.ASCEND_QUANTIZATION_METHOD_MAP[CONVERTED_TYPE] = {
-            "moe": _moe_scheme(base.AscendW4A8DynamicFusedMoEMethod),
-            "linear": _linear_scheme(base.AscendW4A8DynamicLinearMethod),
+            "moe": _moe_scheme(base.AscendW4A8DynamicFusedMoEMethod, release),
+            "linear": _linear_scheme(base.AscendW4A8DynamicLinearMethod, release),
         }
     for wrapper in (wrappers.AscendFusedMoEMethod, wrappers.AscendLinearMethod):
         _hand_layer_to_scheme(wrapper)
@@ -166,7 +181,15 @@ _MOE_PARAMS = {  # parameter -> (output of a stored expert tensor, shards: w1/w3
 }
 
 
-def _moe_scheme(base: type) -> type:
+def _nz_cast(release: _Release, weight: torch.Tensor) -> torch.Tensor:
+    """The release's own FRACTAL_NZ cast (a device layout step: the one thing left to do on device)."""
+    utils = importlib.import_module("vllm_ascend.utils")
+    if release.nz_cast == "format_cast":
+        return importlib.import_module("torch_npu").npu_format_cast(weight, utils.ACL_FORMAT_FRACTAL_NZ)
+    return getattr(utils, release.nz_cast)(weight)
+
+
+def _moe_scheme(base: type, release: _Release) -> type:
     class ConvertedW4A8MoEScheme(base):
         """vllm-ascend's W4A8_DYNAMIC experts (its `apply`), fed the converted tensors as stored."""
 
@@ -216,10 +239,8 @@ def _moe_scheme(base: type) -> type:
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
             layer.w4a8conv_loads.check()
             del layer.w4a8conv_loads
-            torch_npu = importlib.import_module("torch_npu")
-            nz = importlib.import_module("vllm_ascend.utils").ACL_FORMAT_FRACTAL_NZ
             for param in ("w13_weight", "w2_weight"):
-                getattr(layer, param).data = torch_npu.npu_format_cast(getattr(layer, param).data, nz)
+                getattr(layer, param).data = _nz_cast(release, getattr(layer, param).data)
 
     setattr(ConvertedW4A8MoEScheme, _MARK, True)
     return ConvertedW4A8MoEScheme
@@ -265,7 +286,7 @@ def _expert_loader(*, layer_name: str, param: str, output: str, shards: tuple[st
 # Linear layers
 
 
-def _linear_scheme(base: type) -> type:
+def _linear_scheme(base: type, release: _Release) -> type:
     class ConvertedW4A8LinearScheme(base):
         """vllm-ascend's W4A8_DYNAMIC Linear (its `apply`), fed the converted tensors as stored."""
 
@@ -314,6 +335,8 @@ def _linear_scheme(base: type) -> type:
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
             layer.w4a8conv_loads.check()
             del layer.w4a8conv_loads
+            if release.linear_nz:
+                layer.weight.data = _nz_cast(release, layer.weight.data)
 
     setattr(ConvertedW4A8LinearScheme, _MARK, True)
     return ConvertedW4A8LinearScheme
