@@ -55,10 +55,11 @@ def model_type(out) -> str:
     return json.loads((out / "config.json").read_text())["model_type"]
 
 
-def load_moe(out, split, *, desc=None, drop=(), kind=None, blocks=None):
+def load_moe(out, split, *, desc=None, drop=(), kind=None, blocks=None, release=serving.DEFAULT_RELEASE):
     """One rank with the plugin registered: build the layers, stream the converted checkpoint through
     vLLM's loop, post-process. Returns the layers (parameters detached from the environment)."""
-    with serving.ServingEnv(desc or description(out), model_type=kind or model_type(out), **split) as env:
+    with serving.ServingEnv(desc or description(out), model_type=kind or model_type(out), release=release,
+                            **split) as env:
         plugin.register()
         layers = {prefix: env.moe_layer(prefix, *shape) for prefix, shape in (blocks or moe_blocks(out)).items()}
         for layer in layers.values():
@@ -71,13 +72,21 @@ def load_moe(out, split, *, desc=None, drop=(), kind=None, blocks=None):
     return layers
 
 
-@pytest.mark.parametrize("preset, tp, ep", checks.MOE_CASES)
-def test_moe_rank_holds_what_vllm_ascend_derives_from_the_source(wheels, converted, preset, tp, ep):
+# vllm-ascend 0.13 resolves an MoE layer's scheme from `experts.0.gate_proj`-style keys only, so it
+# cannot build a w1/w3/w2-named (Mixtral) layer at all, converted or not.
+MOE_CASES = [pytest.param(*case.values, release, id=f"{case.id}-{release}") for case in checks.MOE_CASES
+             for release in serving.RELEASES
+             if not (release == "0.13" and PRESETS[case.values[0]].projections[0] == "w1")]
+
+
+@pytest.mark.parametrize("preset, tp, ep, release", MOE_CASES)
+def test_moe_rank_holds_what_vllm_ascend_derives_from_the_source(wheels, converted, preset, tp, ep, release):
     src, out = converted(preset)
     view = NpuReadyCheckpoint.open(out)
+    version = serving.RELEASES[release].ascend_version
     for split in checks._rank_splits(tp, ep):
-        for prefix, layer in load_moe(out, split).items():
-            want = harness.moe_rank_tensors(src, prefix.removesuffix(".experts"), **split)
+        for prefix, layer in load_moe(out, split, release=release).items():
+            want = harness.moe_rank_tensors(src, prefix.removesuffix(".experts"), version=version, **split)
             for key, tensor in view.moe_layer(prefix.removesuffix(".experts"), **split).items():
                 if want[key].numel() == 0:
                     # vllm-ascend 0.11 keeps no bias for per-channel "0"; the checkpoint view's is checked
@@ -85,7 +94,7 @@ def test_moe_rank_holds_what_vllm_ascend_derives_from_the_source(wheels, convert
                     want[key] = tensor
             got = dict(layer.named_parameters())
             assert set(got) == MOE_PARAMS, sorted(got)
-            where = f"{preset} {prefix} tp {split['tp_rank']}/{tp} ep {split['ep_rank']}/{ep}"
+            where = f"{preset} {release} {prefix} tp {split['tp_rank']}/{tp} ep {split['ep_rank']}/{ep}"
             for key in MOE_PARAMS:
                 checks.assert_same(got[key].data, want[key], f"{where} {key}", bias=key.endswith("scale_bias"))
 
@@ -99,14 +108,16 @@ def test_moe_through_the_qwen3_moe_loop(wheels, converted):
                 checks.assert_same(getattr(layer, key).data, want[key], key, bias=key.endswith("scale_bias"))
 
 
+@pytest.mark.parametrize("release", list(serving.RELEASES))
 @pytest.mark.parametrize("preset", ["linear-v0", "linear-v1"])
-def test_linear_layers_hold_what_vllm_ascend_derives_from_the_source(wheels, converted, preset):
+def test_linear_layers_hold_what_vllm_ascend_derives_from_the_source(wheels, converted, preset, release):
     """Dense MLPs at TP 1: gate/up through vLLM's merged loader path (shard ids 0, 1), down as a row layer."""
     src, out = converted(preset)
     records = description(out)["w4a8conv"]["modules"]
     mlps = sorted({p.rsplit(".", 1)[0] for p, m in records.items() if m["kind"] == "linear"})
     bias = "scale_bias" if PRESETS[preset].version == "1.0.0" else "weight_scale_bias"
-    with serving.ServingEnv(description(out), model_type=model_type(out)) as env:
+    version = serving.RELEASES[release].ascend_version
+    with serving.ServingEnv(description(out), model_type=model_type(out), release=release) as env:
         plugin.register()
         layers = {}
         for mlp in mlps:
@@ -120,9 +131,9 @@ def test_linear_layers_hold_what_vllm_ascend_derives_from_the_source(wheels, con
         env.load_weights(model, checks._under(serving.weights_from_dir(out), sources))
         env.process_weights_after_loading(model)
     for mlp in mlps:
-        gate, up = harness.linear_tensors(src, f"{mlp}.gate_proj"), harness.linear_tensors(src, f"{mlp}.up_proj")
+        gate, up = (harness.linear_tensors(src, f"{mlp}.{proj}", version=version) for proj in ("gate_proj", "up_proj"))
         expected = {f"{mlp}.gate_up_proj": {k: torch.cat([gate[k], up[k]], dim=-1) for k in gate},
-                    f"{mlp}.down_proj": harness.linear_tensors(src, f"{mlp}.down_proj")}
+                    f"{mlp}.down_proj": harness.linear_tensors(src, f"{mlp}.down_proj", version=version)}
         for prefix, want in expected.items():
             got = dict(layers[prefix].named_parameters())
             # vllm-ascend also keeps weight_scale / weight_offset(_second), which its apply never reads
@@ -197,11 +208,37 @@ def test_without_the_plugin_vllm_ascend_refuses_the_converted_type(wheels, conve
             env.moe_layer(MOE, 8, 256, 128)
 
 
-@pytest.mark.parametrize("version", ["0.12.0rc1", "0.13.0", "0.14.0rc1"])
+@pytest.mark.parametrize("version", ["0.10.2rc1", "0.12.0rc1", "0.14.0rc1", "0.23.0"])
 def test_an_unverified_vllm_ascend_release_is_refused(monkeypatch, version):
     monkeypatch.setattr(plugin, "_vllm_ascend_version", lambda: version)
-    with pytest.raises(ServingError, match=rf"vllm-ascend 0\.11\.x; vllm-ascend {version} is installed"):
+    with pytest.raises(ServingError, match=rf"vllm-ascend 0\.11\.x, 0\.13\.x; vllm-ascend {version} is installed"):
         plugin.register()
+
+
+@pytest.mark.parametrize("release, cast", [("0.11", "npu_format_cast"), ("0.13", "maybe_trans_nz")])
+def test_the_only_device_step_is_the_releases_nz_cast_of_the_weights(wheels, converted, monkeypatch, release, cast):
+    """0.11 casts the two expert weights with torch_npu; 0.13 through its own switch, Linear weights too."""
+    _src, out = converted("linear-v1")  # an MoE layer and W4A8 dense MLPs
+    records = description(out)["w4a8conv"]["modules"]
+    moe = {f"{p}.experts": (m["num_experts"], m["hidden"], m["intermediate"]) for p, m in records.items()
+           if m["kind"] == "moe"}
+    cast_weights = []
+    with serving.ServingEnv(description(out), model_type=model_type(out), release=release) as env:
+        plugin.register()
+        owner = importlib.import_module("torch_npu" if cast == "npu_format_cast" else "vllm_ascend.utils")
+        real = getattr(owner, cast)
+        monkeypatch.setattr(owner, cast, lambda w, *a: cast_weights.append(w.data_ptr()) or real(w, *a))
+        layers = {prefix: env.moe_layer(prefix, *shape) for prefix, shape in moe.items()}
+        linear = "model.layers.0.mlp.down_proj"
+        layers[linear] = env.linear_layer(linear, "row", records[linear]["in_features"],
+                                          [records[linear]["out_features"]])
+        model = env.model(layers)
+        env.load_weights(model, checks._under(serving.weights_from_dir(out), list(layers)))
+        env.process_weights_after_loading(model)
+    expected = [layers[p].w13_weight.data_ptr() for p in moe] + [layers[p].w2_weight.data_ptr() for p in moe]
+    if release == "0.13":
+        expected.append(layers[linear].weight.data_ptr())
+    assert sorted(cast_weights) == sorted(expected)
 
 
 # --------------------------------------------------------------------------------------------

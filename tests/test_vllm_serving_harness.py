@@ -1,8 +1,22 @@
 """The serving harness is faithful: vLLM 0.11.0's real load_weights loop and parameter loaders, with
 vllm-ascend 0.11.0's real quantization config and W4A8_DYNAMIC module, leave every rank holding what
 `vllm_ascend_harness` derives independently (its own slicing, then vllm-ascend's post-processing).
+The same for the release pair vLLM 0.13.0 + vllm-ascend 0.13.0 (`release="0.13"`), against the
+0.13.0 module, where the real 0.13 code loads at all; where it does not, the tests pin how it fails:
 
-Both wheels are read at test time (downloaded into caches outside the repository); without them
+* with per-group scales (group_size > 0) vllm-ascend 0.13's AscendFusedMoEMethod.create_weights
+  marks every parameter whose name holds "weight_scale" / "weight_offset" as GROUP (0.11: only the
+  `*_second` ones), so vLLM's loader cuts down_proj's per-channel weight_scale / weight_offset
+  ([hidden, 1]) on its input axis like a group scale: rank 0 gets the whole column, tp_rank >= 1
+  raises in `narrow`;
+* with per-channel scales (group_size 0) it marks nothing as GROUP (an operator-precedence slip makes
+  the list empty), so a version-1.0.0 down_proj scale_bias ([hidden, 16]) is copied whole into its
+  [hidden, 16/tp] parameter: raises for tp > 1;
+* vllm-ascend 0.13 dropped the quant-type lookup by an MoE prefix ("...experts": all its experts'
+  types) for model types outside its own packed-modules table, so a Mixtral MoE layer finds no
+  "<prefix>.weight" in the description (KeyError).
+
+The wheels are read at test time (downloaded into caches outside the repository); without them
 these tests skip.
 """
 from __future__ import annotations
@@ -25,6 +39,8 @@ except ImportError:  # tests/ imported as a package
     from tests import vllm_serving_harness as serving
 
 SOURCE_TYPE = "W4A8_DYNAMIC"
+R013 = "0.13"
+ASCEND_013 = serving.RELEASES[R013].ascend_version
 BIAS_RTOL = 1e-5  # of max |bias|: fp32 sums in another order differ in the last bits
 TP_SIZES = (1, 2, 4)
 EP_SIZES = (2,)   # with MoE TP 1; EP 1 is the TP 1 case
@@ -47,6 +63,14 @@ def wheels():
         return serving.find_vllm_wheel(), harness.find_wheel()
     except serving.HarnessUnavailable as exc:
         pytest.skip(f"vllm / vllm-ascend {serving.VLLM_VERSION} wheel unavailable: {exc}")
+
+
+@pytest.fixture(scope="session")
+def wheels_013():
+    try:
+        return serving.find_vllm_wheel(R013), harness.find_wheel(ASCEND_013)
+    except serving.HarnessUnavailable as exc:
+        pytest.skip(f"vllm / vllm-ascend {ASCEND_013} wheel unavailable: {exc}")
 
 
 @pytest.fixture(autouse=True)
@@ -78,6 +102,10 @@ def _splits(spec) -> list[tuple[int, int]]:
 MOE_CASES = [pytest.param(name, tp, ep, id=f"{name}-tp{tp}-ep{ep}")
              for name, spec in PRESETS.items() if spec.moe_layers for tp, ep in _splits(spec)]
 LINEAR_CASES = [name for name, spec in PRESETS.items() if spec.w4a8_linear]
+# 0.13: TP 1 and 2 and EP 2, through the DeepSeek loop (Mixtral: see test_013_mixtral_moe_finds_no_quant_type)
+MOE_CASES_013 = [pytest.param(name, tp, ep, id=f"{name}-tp{tp}-ep{ep}")
+                 for name, spec in PRESETS.items() if spec.moe_layers and spec.model_type != "mixtral"
+                 for tp, ep in _splits(spec) if tp <= 2]
 
 
 def _rank_splits(tp: int, ep: int) -> list[dict]:
@@ -148,10 +176,30 @@ def assert_same(got: torch.Tensor, want: torch.Tensor, what: str, bias: bool = F
 # MoE through vLLM's real loop
 
 
-def _load_moe(src, source, blocks, split, model_type=None):
+def _other_ranks_experts(names, blocks, split) -> set[str]:
+    """The checkpoint names of the experts held by other EP ranks (experts are split contiguously)."""
+    if split["ep_size"] == 1:
+        return set()
+    found = set()
+    for name in names:
+        for prefix, (experts, _, _) in blocks.items():
+            match = re.match(re.escape(prefix) + r"\.(\d+)\.", name)
+            if match and int(match.group(1)) // (experts // split["ep_size"]) != split["ep_rank"]:
+                found.add(name)
+    return found
+
+
+# vllm-ascend 0.13's DeepSeek loop (patch_deepseekv3) also reports, unmapped, the checkpoint names of
+# the experts of other EP ranks: its `continue` for an expert not on this rank leaves only its inner
+# chunk loop, and the name is added to the loaded set after it (vLLM's loops skip them).
+REPORTS_OTHER_RANKS_EXPERTS = {(R013, "deepseek_v2"), (R013, "deepseek_v3")}
+
+
+def _load_moe(src, source, blocks, split, model_type=None, release=serving.DEFAULT_RELEASE):
     """One rank: build the FusedMoE layers, stream the checkpoint through the real loop, post-process."""
-    with serving.ServingEnv(source.description, model_type=model_type or source.config["model_type"],
-                            params_dtype=source.model_dtype, **split) as env:
+    model_type = model_type or source.config["model_type"]
+    with serving.ServingEnv(source.description, model_type=model_type, params_dtype=source.model_dtype,
+                            release=release, **split) as env:
         layers = {prefix: env.moe_layer(prefix, *shape) for prefix, shape in blocks.items()}
         method_cls = sys.modules["vllm_ascend.quantization.w4a8_dynamic"].AscendW4A8DynamicFusedMoEMethod
         fused_moe_cls = sys.modules["vllm.model_executor.layers.fused_moe"].FusedMoE
@@ -161,16 +209,19 @@ def _load_moe(src, source, blocks, split, model_type=None):
             assert layer.quant_method.quant_method.tp_size == (1 if split["ep_size"] > 1 else split["tp_size"])
             _scramble(layer)
         model = env.model(layers)
-        loaded = env.load_weights(model, _under(serving.weights_from_dir(src), list(layers)))
+        stream = list(_under(serving.weights_from_dir(src), list(layers)))
+        loaded = env.load_weights(model, iter(stream))
         params = {name for name, _ in model.named_parameters()}
+        if (release, model_type) in REPORTS_OTHER_RANKS_EXPERTS:
+            params |= _other_ranks_experts([name for name, _ in stream], blocks, split)
         assert loaded == params, f"loaded {sorted(loaded ^ params)} differently from the model's parameters"
         env.process_weights_after_loading(model)
     return layers
 
 
-def _check_moe(src, layers, split, label):
+def _check_moe(src, layers, split, label, version=harness.VLLM_ASCEND_VERSION):
     for prefix, layer in layers.items():
-        want = harness.moe_rank_tensors(src, prefix[: -len(".experts")], **split)
+        want = harness.moe_rank_tensors(src, prefix[: -len(".experts")], version=version, **split)
         where = f"{label} {prefix} tp {split['tp_rank']}/{split['tp_size']} ep {split['ep_rank']}/{split['ep_size']}"
         for key in harness.MOE_KEYS:
             assert_same(getattr(layer, key).data, want[key], f"{where} {key}", bias=key.endswith("scale_bias"))
@@ -195,18 +246,65 @@ def test_moe_through_qwen3_moe_loop_equals_reference(wheels, preset_source):
         _check_moe(src, _load_moe(src, source, blocks, split, model_type="qwen3_moe"), split, "qwen3_moe")
 
 
+def _failure_013(source, split) -> str | None:
+    """How vllm-ascend 0.13's real loaders fail for a rank (a regex of the error), None if they load
+    (see the module docstring)."""
+    if split["tp_size"] == 1:
+        return None
+    per_group = source.description.get("group_size", 256) > 0  # w4a8_dynamic's default
+    if per_group and split["tp_rank"] >= 1:  # down_proj weight_scale [hidden, 1] cut on its axis 1
+        return r"start \(\d+\) \+ length \(1\) exceeds dimension size \(1\)"
+    if not per_group and source.description.get("version") == "1.0.0":  # scale_bias [hidden, 16] copied whole
+        return r"size of tensor a \(\d+\) must match the size of tensor b \(16\)"
+    return None
+
+
+@pytest.mark.parametrize("preset, tp, ep", MOE_CASES_013)
+def test_013_moe_through_deepseek_loop_equals_reference(wheels_013, preset_source, preset, tp, ep):
+    src = preset_source(preset)
+    source = harness.SourceCheckpoint(src)
+    blocks = _moe_blocks(source)
+    assert blocks, f"{preset}: no W4A8_DYNAMIC MoE block"
+    for split in _rank_splits(tp, ep):
+        failure = _failure_013(source, split)
+        if failure:
+            with pytest.raises(RuntimeError, match=failure):
+                _load_moe(src, source, blocks, split, release=R013)
+            continue
+        _check_moe(src, _load_moe(src, source, blocks, split, release=R013), split, f"{preset} 0.13", ASCEND_013)
+
+
+def test_013_moe_through_qwen3_moe_loop_equals_reference(wheels_013, preset_source):
+    """vLLM 0.13's Qwen3MoeModel.load_weights (not patched by vllm-ascend), per-group scales, EP 2."""
+    src = preset_source("moe-group-v1")
+    source = harness.SourceCheckpoint(src)
+    blocks = _moe_blocks(source)
+    for split in _rank_splits(1, 2):
+        layers = _load_moe(src, source, blocks, split, model_type="qwen3_moe", release=R013)
+        _check_moe(src, layers, split, "qwen3_moe 0.13", ASCEND_013)
+
+
+def test_013_mixtral_moe_finds_no_quant_type(wheels_013, preset_source):
+    source = harness.SourceCheckpoint(preset_source("mixed-v1"))
+    prefix, shape = next(iter(_moe_blocks(source).items()))
+    with serving.ServingEnv(source.description, model_type="mixtral", release=R013) as env:
+        with pytest.raises(KeyError, match=re.escape(f"{prefix}.weight")):
+            env.moe_layer(prefix, *shape)
+    with serving.ServingEnv(source.description, model_type="mixtral") as env:  # 0.11 finds it
+        assert env.moe_layer(prefix, *shape).w13_weight.shape[0] == shape[0]
+
+
 # --------------------------------------------------------------------------------------------
 # Linear through vLLM's real merged/row loaders
 
 
-@pytest.mark.parametrize("preset", LINEAR_CASES)
-def test_linear_through_vllm_loop_equals_reference(wheels, preset_source, preset):
+def _check_linear(preset_source, preset, release=serving.DEFAULT_RELEASE, version=harness.VLLM_ASCEND_VERSION):
     src = preset_source(preset)
     source = harness.SourceCheckpoint(src)
     mlps = _dense_mlps(source)
     assert mlps, f"{preset}: no W4A8_DYNAMIC dense MLP"
     with serving.ServingEnv(source.description, model_type=source.config["model_type"],
-                            params_dtype=source.model_dtype) as env:
+                            params_dtype=source.model_dtype, release=release) as env:
         layers = {}
         for mlp in mlps:
             inter = source.tensor(f"{mlp}.gate_proj.weight_scale").shape[0]
@@ -224,18 +322,30 @@ def test_linear_through_vllm_loop_equals_reference(wheels, preset_source, preset
         assert loaded == params, f"loaded {sorted(loaded ^ params)} differently from the model's parameters"
         env.process_weights_after_loading(model)
     for mlp in mlps:
-        gate, up = harness.linear_tensors(src, f"{mlp}.gate_proj"), harness.linear_tensors(src, f"{mlp}.up_proj")
+        gate = harness.linear_tensors(src, f"{mlp}.gate_proj", version=version)
+        up = harness.linear_tensors(src, f"{mlp}.up_proj", version=version)
         # gate and up are stacked on the output axis: the last one after post-processing (which transposes
         # the weight and weight_scale_second and flattens the per-channel tensors), except for
         # weight_offset_second, which post-processing leaves as loaded, [output, groups]
         expected = {f"{mlp}.gate_up_proj": {k: torch.cat([gate[k], up[k]], dim=0 if k == "weight_offset_second" else -1)
                                             for k in gate},
-                    f"{mlp}.down_proj": harness.linear_tensors(src, f"{mlp}.down_proj")}
+                    f"{mlp}.down_proj": harness.linear_tensors(src, f"{mlp}.down_proj", version=version)}
         for prefix, want in expected.items():
             got = dict(layers[prefix].named_parameters())
             assert set(got) == set(want), f"{preset} {prefix}: {sorted(got)} vs reference {sorted(want)}"
             for key in want:
-                assert_same(got[key].data, want[key], f"{preset} {prefix} {key}", bias=key.endswith("bias"))
+                assert_same(got[key].data, want[key], f"{preset} {release} {prefix} {key}",
+                            bias=key.endswith("bias"))
+
+
+@pytest.mark.parametrize("preset", LINEAR_CASES)
+def test_linear_through_vllm_loop_equals_reference(wheels, preset_source, preset):
+    _check_linear(preset_source, preset)
+
+
+@pytest.mark.parametrize("preset", LINEAR_CASES)
+def test_013_linear_through_deepseek_loop_equals_reference(wheels_013, preset_source, preset):
+    _check_linear(preset_source, preset, R013, ASCEND_013)
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,3 +409,45 @@ def test_env_expert_parallel_map_and_restoration_after_an_error(wheels):
     assert not _leftovers()
     with pytest.raises(ValueError):
         serving.ServingEnv(description, tp_size=2, ep_size=2)
+
+
+def test_013_env_installs_real_modules_and_leaves_nothing_behind(wheels_013):
+    description = {"model_quant_type": SOURCE_TYPE, "version": "1.0.0", "group_size": 32, **EXPERT_0}
+    path_before = list(sys.path)
+    with serving.ServingEnv(description, tp_size=2, tp_rank=1, release=R013) as env:
+        w4a8 = importlib.import_module("vllm_ascend.quantization.w4a8_dynamic")
+        utils = importlib.import_module("vllm_ascend.quantization.utils")
+        assert utils.ASCEND_QUANTIZATION_METHOD_MAP["W4A8_DYNAMIC"]["moe"] is w4a8.AscendW4A8DynamicFusedMoEMethod
+        assert importlib.import_module("vllm_ascend._version").version == ASCEND_013
+        for dist in ("vllm-ascend", "vllm"):
+            assert importlib.metadata.version(dist) == "0.13.0", dist
+        # maybe_trans_nz: importable where the real code takes it from, the identity
+        nz = importlib.import_module("vllm_ascend.utils").maybe_trans_nz
+        assert w4a8.maybe_trans_nz is nz
+        weight = torch.ones(2, 3, dtype=torch.int8)
+        assert nz(weight) is weight
+        # vLLM's loaders as they are (no vllm-ascend overrides), the real AscendFusedMoE.__init__
+        fused_moe = importlib.import_module("vllm.model_executor.layers.fused_moe").FusedMoE
+        ascend_moe = importlib.import_module("vllm_ascend.ops.fused_moe.fused_moe").AscendFusedMoE
+        assert issubclass(ascend_moe, fused_moe) and ascend_moe._load_w13 is fused_moe._load_w13
+        assert fused_moe.weight_loader.__code__.co_filename == \
+            f"{env.vllm_wheel.name}/vllm/model_executor/layers/fused_moe/layer.py"
+        assert ascend_moe.__init__.__code__.co_filename == \
+            f"{env.ascend_wheel.name}/vllm_ascend/ops/fused_moe/fused_moe.py"
+        layer = env.moe_layer("model.layers.1.mlp.experts", 8, 256, 128)
+        assert layer.tp_size == 2 and layer.tp_rank == 1 and layer.expert_map is None
+        assert tuple(layer.w13_weight.shape) == (8, 64, 256)
+        assert layer.quant_method.moe is layer.moe_config  # 0.13: FusedMoEMethodBase.__init__(layer.moe_config)
+        # the DeepSeek loop is the one vllm-ascend 0.13 patches in
+        model = env.model({"model.layers.1.mlp.experts": layer})
+        assert model.load_weights.__code__.co_filename == \
+            f"{env.ascend_wheel.name}/vllm_ascend/patch/worker/patch_deepseekv3.py"
+    with serving.ServingEnv(description, ep_size=2, ep_rank=1, release=R013) as env:
+        layer = env.moe_layer("model.layers.1.mlp.experts", 8, 256, 128)
+        assert layer.expert_map.tolist() == [-1, -1, -1, -1, 0, 1, 2, 3]  # vllm-ascend's init_eplb_config
+        assert layer.expert_map.dtype == torch.int32 and layer.local_num_experts == 4
+        assert layer.w13_weight.shape[0] == 4
+    assert sys.path == path_before
+    assert not _leftovers()
+    with pytest.raises(ValueError, match="release"):
+        serving.ServingEnv(description, release="0.12")

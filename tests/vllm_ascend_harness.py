@@ -22,9 +22,16 @@ to the rank's slice of the output dimension; down_proj cut on its input dimensio
 per-channel `weight_scale` / `weight_offset`, which are copied whole) and contiguous experts per
 expert-parallel rank.
 
+By default all of this is vllm-ascend 0.11.0; `moe_rank_tensors(..., version="0.13.0")` and
+`linear_tensors(..., version="0.13.0")` run vllm-ascend 0.13.0's module instead (its imports moved
+the expert selector to `vllm_ascend.ops.fused_moe` and take `maybe_trans_nz` from `vllm_ascend.utils`,
+which here is the identity like `npu_format_cast`). The loading into the parameters is the same
+for both versions.
+
 Environment:
-  W4A8CONV_VLLM_ASCEND_WHEEL  path of a vllm-ascend 0.11.0 wheel already on disk (no download)
-  W4A8CONV_VLLM_ASCEND_CACHE  download cache (default ~/.cache/w4a8conv/vllm-ascend)
+  W4A8CONV_VLLM_ASCEND_WHEEL       path of a vllm-ascend 0.11.0 wheel already on disk (no download)
+  W4A8CONV_VLLM_ASCEND_0_13_WHEEL  the same for vllm-ascend 0.13.0
+  W4A8CONV_VLLM_ASCEND_CACHE       download cache, shared by the versions (default ~/.cache/w4a8conv/vllm-ascend)
 """
 from __future__ import annotations
 
@@ -45,7 +52,7 @@ import torch
 from safetensors import safe_open
 
 __all__ = [
-    "VLLM_ASCEND_VERSION", "HarnessUnavailable", "find_wheel", "module_source",
+    "VLLM_ASCEND_VERSION", "VLLM_ASCEND_VERSIONS", "HarnessUnavailable", "find_wheel", "module_source",
     "pack_int4_last_axis", "npu_convert_weight_to_int4pack", "npu_quantize",
     "SourceCheckpoint", "moe_rank_tensors", "linear_tensors", "MOE_KEYS",
 ]
@@ -53,9 +60,12 @@ __all__ = [
 VLLM_ASCEND_VERSION = "0.11.0"
 MODULE_PATH = "vllm_ascend/quantization/w4a8_dynamic.py"
 WHEEL_ENV = "W4A8CONV_VLLM_ASCEND_WHEEL"
+# Every version the harness can run, with the variable naming a wheel of it on disk.
+WHEEL_ENVS = {VLLM_ASCEND_VERSION: WHEEL_ENV, "0.13.0": "W4A8CONV_VLLM_ASCEND_0_13_WHEEL"}
+VLLM_ASCEND_VERSIONS = tuple(WHEEL_ENVS)
 CACHE_ENV = "W4A8CONV_VLLM_ASCEND_CACHE"
 DEFAULT_CACHE = Path.home() / ".cache" / "w4a8conv" / "vllm-ascend"
-# The tags of the published 0.11.0 wheel; used only when pip finds nothing for this interpreter.
+# The tags of the published 0.11.0 (and 0.13.0) wheel; used only when pip finds nothing for this interpreter.
 FALLBACK_TAGS = ["--python-version", "3.11", "--implementation", "cp", "--abi", "cp311",
                  "--platform", "manylinux_2_24_x86_64"]
 
@@ -79,26 +89,36 @@ def _has_module(wheel: Path) -> bool:
         return False
 
 
-def _cached_wheels(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.glob(f"vllm_ascend-{VLLM_ASCEND_VERSION}-*.whl") if _has_module(p))
+def _cached_wheels(folder: Path, version: str = VLLM_ASCEND_VERSION) -> list[Path]:
+    return sorted(p for p in folder.glob(f"vllm_ascend-{version}-*.whl") if _has_module(p))
+
+
+def _check_version(version: str) -> None:
+    if version not in WHEEL_ENVS:
+        raise ValueError(f"vllm-ascend version {version!r}: the harness knows {list(WHEEL_ENVS)}")
 
 
 @cache
-def find_wheel() -> Path:
-    """The vllm-ascend wheel: $W4A8CONV_VLLM_ASCEND_WHEEL, else the cache, else `pip download`."""
-    given = os.environ.get(WHEEL_ENV)
+def find_wheel(version: str = VLLM_ASCEND_VERSION) -> Path:
+    """The vllm-ascend wheel of `version` (default 0.11.0): $W4A8CONV_VLLM_ASCEND_WHEEL (for 0.13.0
+    $W4A8CONV_VLLM_ASCEND_0_13_WHEEL), else the cache, else `pip download`."""
+    _check_version(version)
+    wheel_env = WHEEL_ENVS[version]
+    given = os.environ.get(wheel_env)
     if given:
         path = Path(given).expanduser()
         if not _has_module(path):
-            raise HarnessUnavailable(f"${WHEEL_ENV}={given}: not a wheel holding {MODULE_PATH}")
+            raise HarnessUnavailable(f"${wheel_env}={given}: not a wheel holding {MODULE_PATH}")
+        if version != VLLM_ASCEND_VERSION and not path.name.startswith(f"vllm_ascend-{version}-"):
+            raise HarnessUnavailable(f"${wheel_env}={given}: not a vllm_ascend-{version} wheel")
         return path
     cache_dir = Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
-    found = _cached_wheels(cache_dir)
+    found = _cached_wheels(cache_dir, version)
     if found:
         return found[0]
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        for broken in cache_dir.glob(f"vllm_ascend-{VLLM_ASCEND_VERSION}-*.whl"):  # pip would reuse a broken file
+        for broken in cache_dir.glob(f"vllm_ascend-{version}-*.whl"):  # pip would reuse a broken file
             broken.unlink()
     except OSError as exc:
         raise HarnessUnavailable(f"cannot create the wheel cache {cache_dir}: {exc}") from None
@@ -107,17 +127,17 @@ def find_wheel() -> Path:
     errors = []
     for extra in ([], FALLBACK_TAGS):
         try:
-            done = subprocess.run(base + extra + [f"vllm-ascend=={VLLM_ASCEND_VERSION}"], capture_output=True,
+            done = subprocess.run(base + extra + [f"vllm-ascend=={version}"], capture_output=True,
                                   text=True, timeout=300, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             errors.append(str(exc))
             continue
-        found = _cached_wheels(cache_dir)
+        found = _cached_wheels(cache_dir, version)
         if found:
             return found[0]
         errors.append((done.stderr or done.stdout).strip()[-600:])
-    raise HarnessUnavailable(f"could not download vllm-ascend=={VLLM_ASCEND_VERSION} into {cache_dir} "
-                             f"(set ${WHEEL_ENV} to a wheel on disk): {' | '.join(errors)}")
+    raise HarnessUnavailable(f"could not download vllm-ascend=={version} into {cache_dir} "
+                             f"(set ${wheel_env} to a wheel on disk): {' | '.join(errors)}")
 
 
 @cache
@@ -173,6 +193,11 @@ def npu_format_cast(tensor: torch.Tensor, acl_format: int) -> torch.Tensor:
     return tensor
 
 
+def maybe_trans_nz(weight: torch.Tensor) -> torch.Tensor:
+    """vllm_ascend.utils.maybe_trans_nz (0.13): an FRACTAL_NZ cast or nothing, a layout step: the identity."""
+    return weight
+
+
 @contextlib.contextmanager
 def _tensor_npu_identity():
     """`Tensor.npu()` as the identity for the duration of a call into the module (restored after)."""
@@ -198,7 +223,18 @@ def _unavailable(name: str):
     return call
 
 
-def _standins(description: dict, tp_world: int, ep_world: int, enable_ep: bool) -> dict[str, types.ModuleType]:
+# What a version's module imports beyond the 0.11.0 names above (module -> extra attributes).
+_VERSION_STANDINS = {
+    "0.13.0": {
+        "vllm_ascend.ops.fused_moe": {},
+        "vllm_ascend.ops.fused_moe.experts_selector": dict(select_experts=_unavailable("select_experts")),
+        "vllm_ascend.utils": dict(maybe_trans_nz=maybe_trans_nz),
+    },
+}
+
+
+def _standins(description: dict, tp_world: int, ep_world: int, enable_ep: bool,
+              version: str = VLLM_ASCEND_VERSION) -> dict[str, types.ModuleType]:
     config = SimpleNamespace(quant_config=SimpleNamespace(quant_description=description),
                              parallel_config=SimpleNamespace(enable_expert_parallel=enable_ep))
     # When expert parallelism is off, vllm-ascend's EP group spans the MoE tensor-parallel ranks.
@@ -223,6 +259,8 @@ def _standins(description: dict, tp_world: int, ep_world: int, enable_ep: bool) 
         "vllm_ascend.ops.moe.experts_selector": dict(select_experts=_unavailable("select_experts")),
         "vllm_ascend.utils": dict(ACL_FORMAT_FRACTAL_NZ=ACL_FORMAT_FRACTAL_NZ),
     }
+    for name, attrs in _VERSION_STANDINS.get(version, {}).items():
+        contents[name] = {**contents.get(name, {}), **attrs}
     modules = {}
     for name, attrs in contents.items():
         module = types.ModuleType(name)
@@ -248,9 +286,9 @@ def _importer(standins: dict[str, types.ModuleType]):
 
 @cache
 def _load_module(wheel: Path, description_items: tuple, tp_world: int, ep_world: int,
-                 enable_ep: bool) -> types.ModuleType:
+                 enable_ep: bool, version: str = VLLM_ASCEND_VERSION) -> types.ModuleType:
     """Execute the module once per configuration; its stand-ins answer for that configuration only."""
-    standins = _standins(dict(description_items), tp_world, ep_world, enable_ep)
+    standins = _standins(dict(description_items), tp_world, ep_world, enable_ep, version)
     module = types.ModuleType("vllm_ascend.quantization.w4a8_dynamic")
     module.__dict__["__builtins__"] = dict(vars(builtins), __import__=_importer(standins))
     exec(_module_code(wheel), module.__dict__)
@@ -349,11 +387,12 @@ def _check_written(layer_name: str, written: dict[str, torch.Tensor]) -> None:
 
 
 def moe_rank_tensors(root: Path | str, prefix: str, tp_size: int = 1, tp_rank: int = 0, ep_size: int = 1,
-                     ep_rank: int = 0) -> dict[str, torch.Tensor]:
-    """The six tensors an MoE rank holds after `process_weights_after_loading`.
+                     ep_rank: int = 0, version: str = VLLM_ASCEND_VERSION) -> dict[str, torch.Tensor]:
+    """The six tensors an MoE rank holds after `process_weights_after_loading` (of vllm-ascend `version`).
 
     Expert parallelism (ep_size > 1) implies MoE tensor parallelism 1, as in vLLM.
     """
+    _check_version(version)
     if ep_size > 1 and tp_size != 1:
         raise ValueError("with expert parallelism the MoE tensor-parallel size is 1")
     if not (0 <= tp_rank < tp_size and 0 <= ep_rank < ep_size):
@@ -366,7 +405,8 @@ def moe_rank_tensors(root: Path | str, prefix: str, tp_size: int = 1, tp_rank: i
         raise ValueError(f"{prefix}: {num_experts} experts / {intermediate} intermediate do not split over "
                          f"ep {ep_size} / tp {tp_size}")
     enable_ep = ep_size > 1
-    module = _load_module(find_wheel(), source.quant_items, tp_size, ep_size if enable_ep else tp_size, enable_ep)
+    module = _load_module(find_wheel(version), source.quant_items, tp_size, ep_size if enable_ep else tp_size,
+                          enable_ep, version)
     local_experts, part = num_experts // ep_size, intermediate // tp_size
     dtype = torch.bfloat16
     with _tensor_npu_identity():
@@ -402,13 +442,15 @@ def moe_rank_tensors(root: Path | str, prefix: str, tp_size: int = 1, tp_rank: i
     return {key: getattr(layer, key).data for key in MOE_KEYS}
 
 
-def linear_tensors(root: Path | str, prefix: str) -> dict[str, torch.Tensor]:
-    """Every parameter a W4A8_DYNAMIC Linear layer holds after post-processing (tensor parallelism 1)."""
+def linear_tensors(root: Path | str, prefix: str, version: str = VLLM_ASCEND_VERSION) -> dict[str, torch.Tensor]:
+    """Every parameter a W4A8_DYNAMIC Linear layer holds after post-processing (tensor parallelism 1),
+    with the module of vllm-ascend `version`."""
+    _check_version(version)
     source = _source(str(Path(root).resolve()))
     stored = source.under(prefix + ".")
     if "weight" not in stored or "weight_scale" not in stored:
         raise ValueError(f"{prefix}: no W4A8_DYNAMIC Linear tensors in {source.root}")
-    module = _load_module(find_wheel(), source.quant_items, 1, 1, False)
+    module = _load_module(find_wheel(version), source.quant_items, 1, 1, False, version)
     dtype = source.model_dtype
     output_size = stored["weight_scale"].shape[0]
     input_size = stored["weight"].shape[1]

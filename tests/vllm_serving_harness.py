@@ -26,23 +26,41 @@ torch_npu ops (from `vllm_ascend_harness`), the constructors of the layers (the 
 part of `FusedMoE.__init__` / `AscendFusedMoE.__init__` / the `LinearBase` subclasses), the model
 containers, and the vllm-ascend quantization schemes other than W4A8_DYNAMIC (dummy classes).
 
+Releases: `ServingEnv(..., release="0.11")` (the default, all of the above) or `release="0.13"`:
+vLLM 0.13.0 + vllm-ascend 0.13.0. What differs between them for weight loading is kept in the
+table `RELEASES` (members, module paths, the constructor of the MoE layer). In 0.13 vllm-ascend's
+`AscendFusedMoE` no longer overrides the loaders (vLLM's `_load_w13` / `_load_w2` are used as they
+are) and its constructor is real here too (`__init__`, with vllm-ascend's `init_eplb_config` for the
+expert map; under it a stand-in for vLLM's `FusedMoE.__init__`), and the DeepSeek loop is the
+one vllm-ascend 0.13 patches over vLLM's (`CustomDeepseekV2ForCausalLM.load_weights` of
+`vllm_ascend/patch/worker/patch_deepseekv3.py`). `vllm_ascend.utils.maybe_trans_nz` is the
+identity, like `npu_format_cast`. (0.13 serves DeepSeek's routed experts as AscendSharedFusedMoE,
+whose constructor is AscendFusedMoE.__init__ plus the shared experts: the harness builds
+AscendFusedMoE, the same parameters and loaders.)
+
 Environment:
-  W4A8CONV_VLLM_WHEEL  path of a vllm 0.11.0 wheel already on disk (no download)
-  W4A8CONV_VLLM_CACHE  download cache (default ~/.cache/w4a8conv/vllm)
-  (and W4A8CONV_VLLM_ASCEND_WHEEL / W4A8CONV_VLLM_ASCEND_CACHE, see vllm_ascend_harness)
+  W4A8CONV_VLLM_WHEEL       path of a vllm 0.11.0 wheel already on disk (no download)
+  W4A8CONV_VLLM_CACHE       download cache (default ~/.cache/w4a8conv/vllm)
+  W4A8CONV_VLLM_0_13_WHEEL  path of a vllm 0.13.0 wheel already on disk (no download)
+  W4A8CONV_VLLM_0_13_CACHE  download cache (default ~/.cache/w4a8conv/vllm/0.13.0)
+  (and W4A8CONV_VLLM_ASCEND_WHEEL / W4A8CONV_VLLM_ASCEND_0_13_WHEEL / W4A8CONV_VLLM_ASCEND_CACHE,
+  see vllm_ascend_harness)
 """
 from __future__ import annotations
 
 import abc
 import ast
 import atexit
+import collections
 import collections.abc
 import contextlib
+import dataclasses
 import enum
 import functools
 import importlib.machinery
 import importlib.util
 import itertools
+import json
 import linecache
 import logging
 import os
@@ -53,11 +71,13 @@ import sys
 import tempfile
 import types
 import typing
+import warnings
 import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy
 import torch
 from safetensors import safe_open
 
@@ -67,9 +87,9 @@ except ImportError:  # tests/ imported as a package
     from tests import vllm_ascend_harness as _ascend
 
 __all__ = ["VLLM_VERSION", "VLLM_ASCEND_VERSION", "HarnessUnavailable", "find_vllm_wheel", "ServingEnv",
-           "weights_from_dir", "MODEL_TYPES"]
+           "weights_from_dir", "MODEL_TYPES", "RELEASES", "DEFAULT_RELEASE", "Release"]
 
-VLLM_VERSION = "0.11.0"
+VLLM_VERSION = "0.11.0"  # of the default release; RELEASES has the others
 VLLM_ASCEND_VERSION = _ascend.VLLM_ASCEND_VERSION
 HarnessUnavailable = _ascend.HarnessUnavailable
 
@@ -82,6 +102,7 @@ VLLM_FALLBACK_TAGS = ["--python-version", "3.11", "--implementation", "cp", "--a
 
 # Wheel members read by the harness.
 FUSED_MOE = "vllm/model_executor/layers/fused_moe/layer.py"
+FUSED_MOE_METHOD_BASE = "vllm/model_executor/layers/fused_moe/fused_moe_method_base.py"  # 0.13
 LINEAR = "vllm/model_executor/layers/linear.py"
 BASE_CONFIG = "vllm/model_executor/layers/quantization/base_config.py"
 QUANTIZATION_INIT = "vllm/model_executor/layers/quantization/__init__.py"
@@ -93,6 +114,10 @@ QWEN3_MOE = "vllm/model_executor/models/qwen3_moe.py"
 MIXTRAL = "vllm/model_executor/models/mixtral.py"
 ASCEND_FUSED_MOE = "vllm_ascend/ops/common_fused_moe.py"
 ASCEND_UTILS = "vllm_ascend/utils.py"
+ASCEND_FUSED_MOE_0_13 = "vllm_ascend/ops/fused_moe/fused_moe.py"
+ASCEND_PREPARE_FINALIZE = "vllm_ascend/ops/fused_moe/prepare_finalize.py"
+ASCEND_EPLB_UTILS = "vllm_ascend/eplb/core/eplb_utils.py"
+ASCEND_PATCH_DEEPSEEK = "vllm_ascend/patch/worker/patch_deepseekv3.py"
 
 # model_type -> (models file, class holding load_weights, ForCausalLM class holding packed_modules_mapping,
 #                whether load_weights sits on the inner `model` (behind vLLM's AutoWeightsLoader))
@@ -103,6 +128,7 @@ MODEL_TYPES = {
     "mixtral": (MIXTRAL, "MixtralModel", "MixtralForCausalLM", True),
 }
 STANDIN_ROOTS = ("vllm", "vllm_ascend", "torch_npu")
+DEFAULT_RELEASE = "0.11"
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,50 +143,55 @@ def _has_member(wheel: Path, member: str) -> bool:
         return False
 
 
-def _cached_vllm_wheels(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.glob(f"vllm-{VLLM_VERSION}-*.whl") if _has_member(p, FUSED_MOE))
+def _cached_vllm_wheels(folder: Path, version: str = VLLM_VERSION) -> list[Path]:
+    return sorted(p for p in folder.glob(f"vllm-{version}-*.whl") if _has_member(p, FUSED_MOE))
 
 
 @functools.cache
-def find_vllm_wheel() -> Path:
-    """The vllm wheel: $W4A8CONV_VLLM_WHEEL, else the cache, else `pip download` into the cache."""
-    given = os.environ.get(VLLM_WHEEL_ENV)
+def find_vllm_wheel(release: str = DEFAULT_RELEASE) -> Path:
+    """The vllm wheel of a release (default 0.11: vllm 0.11.0): $W4A8CONV_VLLM_WHEEL (0.13:
+    $W4A8CONV_VLLM_0_13_WHEEL), else the cache, else `pip download` into the cache."""
+    spec = _release(release)
+    version, wheel_env = spec.vllm_version, spec.vllm_wheel_env
+    given = os.environ.get(wheel_env)
     if given:
         path = Path(given).expanduser()
         if not _has_member(path, FUSED_MOE):
-            raise HarnessUnavailable(f"${VLLM_WHEEL_ENV}={given}: not a wheel holding {FUSED_MOE}")
+            raise HarnessUnavailable(f"${wheel_env}={given}: not a wheel holding {FUSED_MOE}")
+        if release != DEFAULT_RELEASE and not path.name.startswith(f"vllm-{version}-"):
+            raise HarnessUnavailable(f"${wheel_env}={given}: not a vllm-{version} wheel")
         return path
-    cache_dir = Path(os.environ.get(VLLM_CACHE_ENV) or DEFAULT_VLLM_CACHE).expanduser()
-    found = _cached_vllm_wheels(cache_dir)
+    cache_dir = Path(os.environ.get(spec.vllm_cache_env) or spec.vllm_default_cache).expanduser()
+    found = _cached_vllm_wheels(cache_dir, version)
     if found:
         return found[0]
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        for broken in cache_dir.glob(f"vllm-{VLLM_VERSION}-*.whl"):  # pip would reuse a broken file
+        for broken in cache_dir.glob(f"vllm-{version}-*.whl"):  # pip would reuse a broken file
             broken.unlink()
     except OSError as exc:
         raise HarnessUnavailable(f"cannot create the wheel cache {cache_dir}: {exc}") from None
     base = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-d", str(cache_dir),
             "--disable-pip-version-check", "--quiet"]
     errors = []
-    for extra in ([], VLLM_FALLBACK_TAGS):
+    for extra in ([], list(spec.vllm_fallback_tags)):
         try:
-            done = subprocess.run(base + extra + [f"vllm=={VLLM_VERSION}"], capture_output=True, text=True,
+            done = subprocess.run(base + extra + [f"vllm=={version}"], capture_output=True, text=True,
                                   timeout=900, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             errors.append(str(exc))
             continue
-        found = _cached_vllm_wheels(cache_dir)
+        found = _cached_vllm_wheels(cache_dir, version)
         if found:
             return found[0]
         errors.append((done.stderr or done.stdout).strip()[-600:])
-    raise HarnessUnavailable(f"could not download vllm=={VLLM_VERSION} into {cache_dir} "
-                             f"(set ${VLLM_WHEEL_ENV} to a wheel on disk): {' | '.join(errors)}")
+    raise HarnessUnavailable(f"could not download vllm=={version} into {cache_dir} "
+                             f"(set ${wheel_env} to a wheel on disk): {' | '.join(errors)}")
 
 
-def _wheels() -> tuple[Path, Path]:
-    """(vllm wheel, vllm-ascend wheel); HarnessUnavailable when either cannot be had."""
-    return find_vllm_wheel(), _ascend.find_wheel()
+def _wheels(release: str = DEFAULT_RELEASE) -> tuple[Path, Path]:
+    """(vllm wheel, vllm-ascend wheel) of a release; HarnessUnavailable when either cannot be had."""
+    return find_vllm_wheel(release), _ascend.find_wheel(_release(release).ascend_version)
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,12 +317,13 @@ def _literal(wheel: Path, member: str, name: str, class_name: str | None = None)
 
 
 @functools.cache
-def _dist_dir(vllm_wheel: Path, ascend_wheel: Path) -> str:
+def _dist_dir(vllm_wheel: Path, ascend_wheel: Path, vllm_version: str = VLLM_VERSION,
+              ascend_version: str = VLLM_ASCEND_VERSION) -> str:
     """A directory with the wheels' real dist-info METADATA (for importlib.metadata.version)."""
     root = tempfile.mkdtemp(prefix="w4a8conv-serving-dist-")
     atexit.register(shutil.rmtree, root, True)
-    for wheel, dist in ((vllm_wheel, f"vllm-{VLLM_VERSION}.dist-info"),
-                        (ascend_wheel, f"vllm_ascend-{VLLM_ASCEND_VERSION}.dist-info")):
+    for wheel, dist in ((vllm_wheel, f"vllm-{vllm_version}.dist-info"),
+                        (ascend_wheel, f"vllm_ascend-{ascend_version}.dist-info")):
         folder = Path(root) / dist
         folder.mkdir()
         (folder / "METADATA").write_text(_member_text(wheel, f"{dist}/METADATA"), encoding="utf-8")
@@ -381,6 +413,115 @@ class _LinearInit(torch.nn.Module):
         self.register_parameter("bias", None)
 
 
+class _FusedMoEInit013(torch.nn.Module):
+    """The weight-relevant part of vLLM 0.13 FusedMoE.__init__ (written from behaviour), under the real
+    AscendFusedMoE.__init__ of vllm-ascend 0.13. vLLM's constructor also asks the quantization config
+    for a method and creates the weights, with its own expert map; AscendFusedMoE.__init__ then does
+    both again, replacing them (same method class, same parameter names), so here they are done once,
+    by the real AscendFusedMoE.__init__."""
+
+    def __init__(self, *, num_experts: int, hidden_size: int, intermediate_size: int, params_dtype: torch.dtype,
+                 quant_config, prefix: str, moe_parallel_config: SimpleNamespace, top_k: int = 1, **unused):
+        super().__init__()
+        self.moe_parallel_config = moe_parallel_config  # read by the real tp_size/ep_size/... properties
+        self.params_dtype = params_dtype
+        self.global_num_experts = num_experts
+        self.logical_num_experts = num_experts
+        self.layer_name = prefix
+        self.enable_eplb = False
+        self.rocm_aiter_fmoe_enabled = False  # read by the real expert_map property
+        self._expert_map = None               # EP: vLLM's own map, which AscendFusedMoE replaces
+        self.expert_mask = None
+        self.top_k = top_k
+        self.hidden_size = hidden_size
+        self.intermediate_size_per_partition = intermediate_size // self.tp_size
+        self.custom_routing_function = None
+        self.e_score_correction_bias = None
+        self.quant_config = quant_config
+        parallel = moe_parallel_config
+        self.moe_config = SimpleNamespace(  # FusedMoEConfig, its properties resolved
+            num_experts=num_experts, experts_per_token=top_k, hidden_dim=hidden_size,
+            num_local_experts=num_experts, moe_parallel_config=parallel, in_dtype=params_dtype,
+            has_bias=False, is_act_and_mul=True, is_lora_enabled=False,
+            tp_size=parallel.tp_size, dp_size=parallel.dp_size, ep_size=parallel.ep_size,
+            tp_rank=parallel.tp_rank, dp_rank=parallel.dp_rank, ep_rank=parallel.ep_rank, use_ep=parallel.use_ep)
+
+
+@dataclasses.dataclass(frozen=True)
+class Release:
+    """A vLLM + vllm-ascend release pair: where its weight-loading code lives and what it imports."""
+
+    vllm_version: str
+    ascend_version: str
+    vllm_wheel_env: str
+    vllm_cache_env: str
+    vllm_default_cache: Path
+    vllm_fallback_tags: tuple[str, ...]  # used only when pip finds nothing for this interpreter
+    moe_method_base: str                 # the vLLM member defining FusedMoEMethodBase
+    fused_moe_init: type                 # stand-in for vLLM's FusedMoE.__init__
+    fused_moe_members: tuple[str, ...]   # the real FusedMoE members (properties and loaders)
+    ascend_moe: tuple[str, str]          # (module, wheel member) of AscendFusedMoE
+    ascend_moe_members: tuple[str, ...]  # its real members
+    ascend_moe_builder: str              # ServingEnv method making AscendFusedMoE from them
+    experts_selector: str                # the module vllm-ascend imports select_experts from
+    ascend_utils_literals: tuple[str, ...]  # the constants of vllm_ascend/utils.py read by the real code
+    other_schemes: tuple[tuple[str, tuple[str, ...]], ...]  # quantization schemes other than W4A8_DYNAMIC
+    # model_type -> (wheel "vllm"/"ascend", member, class): the served load_weights where not MODEL_TYPES'
+    loaders: tuple[tuple[str, tuple[str, str, str]], ...] = ()
+
+
+_LOADER_MEMBERS = ("_load_per_tensor_weight_scale", "_load_combined_w13_weight_scale",
+                   "_load_model_weight_or_group_weight_scale", "_load_per_channel_weight_scale", "_load_w13",
+                   "_load_w2", "_load_single_value", "_load_g_idx", "_map_global_expert_id_to_local_expert_id",
+                   "weight_loader", "make_expert_params_mapping")
+_PROPERTIES = ("tp_size", "dp_size", "ep_size", "tp_rank", "dp_rank", "ep_rank", "use_ep")
+
+RELEASES = {
+    "0.11": Release(
+        vllm_version=VLLM_VERSION, ascend_version=VLLM_ASCEND_VERSION,
+        vllm_wheel_env=VLLM_WHEEL_ENV, vllm_cache_env=VLLM_CACHE_ENV, vllm_default_cache=DEFAULT_VLLM_CACHE,
+        vllm_fallback_tags=tuple(VLLM_FALLBACK_TAGS),
+        moe_method_base=FUSED_MOE, fused_moe_init=_FusedMoEInit, fused_moe_members=_PROPERTIES + _LOADER_MEMBERS,
+        ascend_moe=("vllm_ascend.ops.common_fused_moe", ASCEND_FUSED_MOE),
+        ascend_moe_members=("transpose_weight", "_load_w13", "_load_w2"), ascend_moe_builder="_ascend_moe_0_11",
+        experts_selector="vllm_ascend.ops.moe.experts_selector",
+        ascend_utils_literals=("ASCEND_QUANTIZATION_METHOD", "ACL_FORMAT_FRACTAL_ND", "ACL_FORMAT_FRACTAL_NZ"),
+        other_schemes=(("w8a8", ("AscendW8A8LinearMethod", "AscendW8A8FusedMoEMethod", "AscendC8KVCacheMethod")),
+                       ("w8a8_dynamic", ("AscendW8A8DynamicLinearMethod", "AscendW8A8DynamicFusedMoEMethod")),
+                       ("w4a4_flatquant_dynamic", ("AscendW4A4FlatQuantDynamicLinearMethod",)))),
+    "0.13": Release(
+        vllm_version="0.13.0", ascend_version="0.13.0",
+        vllm_wheel_env="W4A8CONV_VLLM_0_13_WHEEL", vllm_cache_env="W4A8CONV_VLLM_0_13_CACHE",
+        vllm_default_cache=DEFAULT_VLLM_CACHE / "0.13.0",
+        vllm_fallback_tags=("--python-version", "3.11", "--implementation", "cp", "--abi", "abi3",
+                            "--platform", "manylinux_2_31_x86_64"),
+        moe_method_base=FUSED_MOE_METHOD_BASE, fused_moe_init=_FusedMoEInit013,
+        fused_moe_members=_PROPERTIES + ("expert_map",) + _LOADER_MEMBERS,
+        ascend_moe=("vllm_ascend.ops.fused_moe.fused_moe", ASCEND_FUSED_MOE_0_13),
+        ascend_moe_members=("moe_counter", "gate_stream", "__init__", "_get_quant_type"),
+        ascend_moe_builder="_ascend_moe_0_13",
+        experts_selector="vllm_ascend.ops.fused_moe.experts_selector",
+        ascend_utils_literals=("ASCEND_QUANTIZATION_METHOD", "ACL_FORMAT_FRACTAL_ND", "ACL_FORMAT_FRACTAL_NZ",
+                               "COMPRESSED_TENSORS_METHOD"),
+        other_schemes=(("w8a8", ("AscendW8A8LinearMethod",)),
+                       ("w8a8_dynamic", ("AscendW8A8DynamicLinearMethod", "AscendW8A8DynamicFusedMoEMethod")),
+                       ("w4a4_flatquant_dynamic", ("AscendW4A4FlatQuantDynamicLinearMethod",)),
+                       ("w4a16", ("AscendW4A16FusedMoEMethod",)),
+                       ("w8a8_pdmix", ("AscendW8A8PDMixLinearMethod", "AscendW8A8PDMixFusedMoeMethod")),
+                       ("w8a8mxfp8", ("AscendW8A8MXFP8DynamicLinearMethod",)),
+                       ("w8a16", ("AscendW8A16LinearMethod",))),
+        # vllm-ascend 0.13 replaces DeepseekV2ForCausalLM.load_weights (patch/worker/patch_deepseekv3.py)
+        loaders=tuple((model_type, ("ascend", ASCEND_PATCH_DEEPSEEK, "CustomDeepseekV2ForCausalLM"))
+                      for model_type in ("deepseek_v2", "deepseek_v3"))),
+}
+
+
+def _release(name: str) -> Release:
+    if name not in RELEASES:
+        raise ValueError(f"release {name!r}: the harness knows {sorted(RELEASES)}")
+    return RELEASES[name]
+
+
 class _ModelRoot(torch.nn.Module):
     """The attributes a model's load_weights reads; submodules are attached by ServingEnv.model."""
 
@@ -421,7 +562,8 @@ def _module(name: str, attrs: dict | None = None, package: bool = False, file: s
 
 
 class ServingEnv:
-    """One rank of a vLLM 0.11.0 + vllm-ascend 0.11.0 server, for loading weights on the CPU.
+    """One rank of a vLLM + vllm-ascend server (0.11.0 + 0.11.0 by default, release="0.13" for
+    0.13.0 + 0.13.0), for loading weights on the CPU.
 
     Use as a context manager; inside it, `vllm.*`, `vllm_ascend.*` and `torch_npu` are importable
     (the real vllm-ascend quantization modules among stand-ins), and the methods below build layers,
@@ -429,13 +571,16 @@ class ServingEnv:
     """
 
     def __init__(self, description: dict, *, model_type: str = "deepseek_v3", tp_size: int = 1, tp_rank: int = 0,
-                 ep_size: int = 1, ep_rank: int = 0, params_dtype: torch.dtype = torch.bfloat16):
+                 ep_size: int = 1, ep_rank: int = 0, params_dtype: torch.dtype = torch.bfloat16,
+                 release: str = DEFAULT_RELEASE):
         if model_type not in MODEL_TYPES:
             raise ValueError(f"model_type {model_type!r}: the harness knows {sorted(MODEL_TYPES)}")
         if not (tp_size >= 1 and ep_size >= 1 and 0 <= tp_rank < tp_size and 0 <= ep_rank < ep_size):
             raise ValueError(f"bad split: tp {tp_rank}/{tp_size}, ep {ep_rank}/{ep_size}")
         if ep_size > 1 and tp_size != 1:
             raise ValueError("with expert parallelism this harness requires tp_size 1")
+        self._spec = _release(release)
+        self.release = release
         self.description = dict(description)  # AscendQuantConfig adds keys to the dict it is given
         self.model_type = model_type
         self.tp_size, self.tp_rank, self.ep_size, self.ep_rank = tp_size, tp_rank, ep_size, ep_rank
@@ -449,13 +594,15 @@ class ServingEnv:
     def __enter__(self) -> ServingEnv:
         if self._active:
             raise RuntimeError("ServingEnv is not reentrant")
-        self.vllm_wheel, self.ascend_wheel = _wheels()
+        self.vllm_wheel, self.ascend_wheel = _wheels(self.release)
         self._saved_modules = {n: m for n, m in sys.modules.items() if self._ours(n)}
         self._saved_path = list(sys.path)
         self._added: set[str] = set()
+        self._num_experts: dict[int, int] = {}  # id(MoE layer) -> its experts (logical, as built)
         self._active = True
         try:
-            self._dist = _dist_dir(self.vllm_wheel, self.ascend_wheel)
+            self._dist = _dist_dir(self.vllm_wheel, self.ascend_wheel, self._spec.vllm_version,
+                                   self._spec.ascend_version)
             sys.path.insert(0, self._dist)
             self._install()
         except BaseException:
@@ -489,6 +636,15 @@ class ServingEnv:
             setattr(sys.modules[parent], child, module)
         return module
 
+    def _add_with_parents(self, name: str, module: types.ModuleType) -> types.ModuleType:
+        """`_add`, after stand-in packages for the parents not installed yet."""
+        parts = name.split(".")
+        for end in range(1, len(parts)):
+            parent = ".".join(parts[:end])
+            if parent not in sys.modules:
+                self._add(parent, _module(parent, package=True))
+        return self._add(name, module)
+
     def _exec(self, name: str, wheel: Path, member: str, package: bool = False) -> types.ModuleType:
         """A whole real module from a wheel, executed as `name` (its imports resolve through sys.modules)."""
         module = self._add(name, _module(name, package=package, file=_filename(wheel, member)))
@@ -497,30 +653,35 @@ class ServingEnv:
 
     def _install(self) -> None:
         vw, aw = self.vllm_wheel, self.ascend_wheel
+        spec = self._spec
         ep_world = self.ep_size if self.enable_ep else self.tp_size  # EP off: the EP group spans the MoE TP ranks
         ep_rank = self.ep_rank if self.enable_ep else self.tp_rank
         logger = _Logger()
+        self._logger = logger
         platform = SimpleNamespace(use_sync_weight_loader=lambda: False, is_cuda_alike=lambda: False,
                                    is_cuda=lambda: False, is_rocm=lambda: False, is_cpu=lambda: False,
                                    is_out_of_tree=lambda: True, device_type="npu", device_name="npu")
+        hf_config = SimpleNamespace(model_type=self.model_type)
         self.vllm_config = SimpleNamespace(
             quant_config=None,  # the real AscendQuantConfig, below
             parallel_config=SimpleNamespace(enable_expert_parallel=self.enable_ep, tensor_parallel_size=self.tp_size,
                                             data_parallel_size=self.ep_size if self.enable_ep else 1,
                                             expert_placement_strategy="linear"),
-            model_config=SimpleNamespace(hf_config=SimpleNamespace(model_type=self.model_type),
-                                         dtype=self.params_dtype),
-            compilation_config=SimpleNamespace(static_forward_context={}))
+            model_config=SimpleNamespace(hf_config=hf_config, hf_text_config=hf_config, dtype=self.params_dtype),
+            compilation_config=SimpleNamespace(static_forward_context={}), lora_config=None)
         tp_group = SimpleNamespace(world_size=self.tp_size, rank_in_group=self.tp_rank)
         ep_group = SimpleNamespace(world_size=ep_world, rank_in_group=ep_rank)
         dp_group = SimpleNamespace(world_size=self.ep_size if self.enable_ep else 1,
                                    rank_in_group=self.ep_rank if self.enable_ep else 0)
+        # A group without `device_group`: w4a8_dynamic catches the AttributeError (no HCCL on the CPU).
+        mc2_group = SimpleNamespace()
+        self._groups = SimpleNamespace(tp=tp_group, ep=ep_group, dp=dp_group, mc2=mc2_group)
         self.ascend_config = SimpleNamespace(dynamic_eplb=False, expert_map_record_path=None, expert_map_path=None,
                                              init_redundancy_expert=0, enable_shared_expert_dp=False,
-                                             oproj_tensor_parallel_size=None)
+                                             oproj_tensor_parallel_size=None, multistream_overlap_gate=False,
+                                             mix_placement=False, flashcomm2_oproj_tensor_parallel_size=None)
         # The real constants of vllm_ascend/utils.py (the module itself pulls in the NPU runtime).
-        ascend_utils = {name: _literal(aw, ASCEND_UTILS, name)
-                        for name in ("ASCEND_QUANTIZATION_METHOD", "ACL_FORMAT_FRACTAL_ND", "ACL_FORMAT_FRACTAL_NZ")}
+        ascend_utils = {name: _literal(aw, ASCEND_UTILS, name) for name in spec.ascend_utils_literals}
 
         # torch_npu and the vllm/vllm_ascend packages
         self._add("torch_npu", _module("torch_npu", dict(
@@ -544,6 +705,10 @@ class ServingEnv:
         self._add("vllm.platforms", _module("vllm.platforms", dict(current_platform=platform), package=True))
         self._add("vllm.attention.layer", _module("vllm.attention.layer", dict(
             Attention=type("Attention", (torch.nn.Module,), {"__module__": "vllm.attention.layer"}))))
+        # vllm.utils.torch_utils (0.13's model_executor/utils.py imports it; not used in loading)
+        self._add("vllm.utils", _module("vllm.utils", package=True))
+        self._add("vllm.utils.torch_utils", _module("vllm.utils.torch_utils", dict(
+            is_torch_equal_or_newer=_unavailable("is_torch_equal_or_newer"))))
 
         # Real vLLM modules, executed whole: quantization base classes and registry, set_weight_attrs.
         base_config = self._exec("vllm.model_executor.layers.quantization.base_config", vw, BASE_CONFIG)
@@ -560,7 +725,8 @@ class ServingEnv:
                                                                dict(EplbState=EplbState)))
 
         # vllm.model_executor.layers.fused_moe: real FusedMoeWeightScaleSupported, FusedMoEMethodBase,
-        # determine_expert_map; FusedMoE = stand-in constructor + the real loader methods.
+        # determine_expert_map, get_compressed_expert_map; FusedMoE = stand-in constructor + the real
+        # properties and loader methods.
         moe_ns = {"__name__": "vllm.model_executor.layers.fused_moe.layer", "torch": torch, "F": torch.nn.functional,
                   "UninitializedParameter": torch.nn.parameter.UninitializedParameter, "Enum": enum.Enum,
                   "abstractmethod": abc.abstractmethod, "overload": typing.overload, "Literal": typing.Literal,
@@ -573,14 +739,19 @@ class ServingEnv:
                   "current_platform": platform, "logger": logger,
                   "get_ep_group": lambda: ep_group, "get_dp_group": lambda: dp_group,
                   "get_tensor_model_parallel_world_size": lambda: self.tp_size,
-                  "get_current_vllm_config": lambda: self.vllm_config}
-        _define(vw, FUSED_MOE, ["FusedMoeWeightScaleSupported", "FusedMoEMethodBase", "determine_expert_map"], moe_ns)
-        FusedMoE = _real_class(vw, FUSED_MOE, "FusedMoE", [
-            "tp_size", "dp_size", "ep_size", "tp_rank", "dp_rank", "ep_rank", "use_ep",
-            "_load_per_tensor_weight_scale", "_load_combined_w13_weight_scale",
-            "_load_model_weight_or_group_weight_scale", "_load_per_channel_weight_scale", "_load_w13", "_load_w2",
-            "_load_single_value", "_load_g_idx", "_map_global_expert_id_to_local_expert_id", "weight_loader",
-            "make_expert_params_mapping"], _FusedMoEInit, moe_ns)
+                  "get_current_vllm_config": lambda: self.vllm_config,
+                  # 0.13's weight_loader names it after `allow_flashinfer and ...` (False here)
+                  "is_flashinfer_supporting_global_sf": _unavailable("is_flashinfer_supporting_global_sf")}
+        in_layer = spec.moe_method_base == FUSED_MOE  # FusedMoEMethodBase: in layer.py (0.11) or its own file
+        _define(vw, FUSED_MOE, ["FusedMoeWeightScaleSupported"] + ["FusedMoEMethodBase"] * in_layer
+                + ["determine_expert_map", "get_compressed_expert_map"], moe_ns)
+        if not in_layer:
+            base_ns = {"__name__": "vllm.model_executor.layers.fused_moe.fused_moe_method_base", "torch": torch,
+                       "abstractmethod": abc.abstractmethod, "QuantizeMethodBase": QuantizeMethodBase,
+                       "logger": logger}
+            moe_ns["FusedMoEMethodBase"] = _define(vw, spec.moe_method_base, ["FusedMoEMethodBase"],
+                                                   base_ns)["FusedMoEMethodBase"]
+        FusedMoE = _real_class(vw, FUSED_MOE, "FusedMoE", spec.fused_moe_members, spec.fused_moe_init, moe_ns)
         moe_exports = dict(FusedMoE=FusedMoE, FusedMoEMethodBase=moe_ns["FusedMoEMethodBase"],
                            FusedMoeWeightScaleSupported=moe_ns["FusedMoeWeightScaleSupported"],
                            determine_expert_map=moe_ns["determine_expert_map"],
@@ -648,6 +819,9 @@ class ServingEnv:
             "vllm.model_executor.layers.vocab_parallel_embedding", dict(
                 VocabParallelEmbedding=type("VocabParallelEmbedding", (torch.nn.Module,), {}),
                 UnquantizedEmbeddingMethod=_dummy_class("UnquantizedEmbeddingMethod", "vllm", QuantizeMethodBase))))
+        # (0.13's quant config maps prefixes of vision-language models with it)
+        self._add("vllm.model_executor.models.utils", _module("vllm.model_executor.models.utils", dict(
+            WeightsMapper=_dummy_class("WeightsMapper", "vllm.model_executor.models.utils"))))
 
         # vllm.model_executor.model_loader.weight_utils: real default_weight_loader, maybe_remap_kv_scale_name
         weight_ns = _define(vw, WEIGHT_UTILS, ["default_weight_loader", "maybe_remap_kv_scale_name"], {
@@ -664,31 +838,72 @@ class ServingEnv:
         self._exec("vllm_ascend._version", aw, "vllm_ascend/_version.py")
         self._add("vllm_ascend.utils", _module("vllm_ascend.utils", dict(
             ascend_utils, mlp_tp_enable=lambda: False, oproj_tp_enable=lambda: False, enable_sp=lambda *a: False,
-            is_310p=lambda: False)))
+            is_310p=lambda: False, flashcomm2_enable=lambda: False, maybe_trans_nz=_ascend.maybe_trans_nz)))
         self._add("vllm_ascend.ascend_config", _module("vllm_ascend.ascend_config",
                                                        dict(get_ascend_config=lambda: self.ascend_config)))
         self._add("vllm_ascend.distributed", _module("vllm_ascend.distributed", package=True))
-        # A group without `device_group`: w4a8_dynamic catches the AttributeError (no HCCL on the CPU).
         self._add("vllm_ascend.distributed.parallel_state", _module("vllm_ascend.distributed.parallel_state", dict(
-            get_mc2_group=lambda: SimpleNamespace(), get_mlp_tp_group=lambda: tp_group,
-            get_otp_group=lambda: tp_group)))
+            get_mc2_group=lambda: mc2_group, get_mlp_tp_group=lambda: tp_group, get_otp_group=lambda: tp_group,
+            get_flashcomm2_otp_group=lambda: tp_group)))
         self._add("vllm_ascend.ops", _module("vllm_ascend.ops", package=True))
-        self._add("vllm_ascend.ops.moe", _module("vllm_ascend.ops.moe", package=True))
-        self._add("vllm_ascend.ops.moe.experts_selector", _module("vllm_ascend.ops.moe.experts_selector", dict(
+        self._add_with_parents(spec.experts_selector, _module(spec.experts_selector, dict(
             select_experts=_unavailable("select_experts"))))
         self._add("vllm_ascend.ops.linear", _module("vllm_ascend.ops.linear", dict(
             AscendUnquantizedLinearMethod=_dummy_class("AscendUnquantizedLinearMethod", "vllm_ascend.ops.linear",
                                                        linear_ns["LinearMethodBase"]))))
         quant_pkg = self._exec("vllm_ascend.quantization", aw, "vllm_ascend/quantization/__init__.py", package=True)
-        for scheme, classes in (("w8a8", ("AscendW8A8LinearMethod", "AscendW8A8FusedMoEMethod",
-                                          "AscendC8KVCacheMethod")),
-                                ("w8a8_dynamic", ("AscendW8A8DynamicLinearMethod", "AscendW8A8DynamicFusedMoEMethod")),
-                                ("w4a4_flatquant_dynamic", ("AscendW4A4FlatQuantDynamicLinearMethod",))):
+        for scheme, classes in spec.other_schemes:
             name = f"vllm_ascend.quantization.{scheme}"
             self._add(name, _module(name, {c: _dummy_class(c, name) for c in classes}))
         w4a8 = self._exec("vllm_ascend.quantization.w4a8_dynamic", aw, "vllm_ascend/quantization/w4a8_dynamic.py")
 
-        # vllm_ascend.ops.common_fused_moe: AscendFusedMoE = stand-in constructor + real loader overrides
+        # AscendFusedMoE, as the release builds it (see RELEASES), in its module
+        moe_module, _ = spec.ascend_moe
+        AscendFusedMoE = getattr(self, spec.ascend_moe_builder)(FusedMoE, moe_ns, w4a8)
+        self._moe_class = AscendFusedMoE
+        self._add_with_parents(moe_module, _module(moe_module, dict(
+            AscendFusedMoE=AscendFusedMoE,
+            AscendUnquantizedFusedMoEMethod=_dummy_class("AscendUnquantizedFusedMoEMethod", moe_module,
+                                                         moe_ns["FusedMoEMethodBase"]))))
+
+        # The real quantization dispatch and config.
+        utils = self._exec("vllm_ascend.quantization.utils", aw, "vllm_ascend/quantization/utils.py")
+        quant_config = self._exec("vllm_ascend.quantization.quant_config", aw,
+                                  "vllm_ascend/quantization/quant_config.py")
+        assert utils.ASCEND_QUANTIZATION_METHOD_MAP["W4A8_DYNAMIC"]["moe"] is w4a8.AscendW4A8DynamicFusedMoEMethod
+        assert quant_pkg.utils is utils and quant_pkg.w4a8_dynamic is w4a8
+        self.quant_config = quant_config.AscendQuantConfig(self.description)
+        self.vllm_config.quant_config = self.quant_config
+        # vLLM's configure_quant_config: the model class's packed_modules_mapping, passed by reference
+        models_file, loader_class, causal_lm_class, inner = MODEL_TYPES[self.model_type]
+        self.quant_config.packed_modules_mapping = _literal(vw, models_file, "packed_modules_mapping",
+                                                            causal_lm_class)
+
+        # The model's real load_weights (vLLM's, or the one vllm-ascend patches over it)
+        model_ns = {"__name__": f"vllm.model_executor.models.{Path(models_file).stem}", "typing": typing,
+                    "torch": torch, "nn": torch.nn, "Callable": collections.abc.Callable,
+                    "Iterable": collections.abc.Iterable, "Optional": typing.Optional, "Union": typing.Union,
+                    "Any": typing.Any, "FusedMoE": FusedMoE, "logger": logger,
+                    "is_pp_missing_parameter": lambda name, model: False,  # no pipeline parallelism
+                    "default_weight_loader": weight_ns["default_weight_loader"],
+                    "maybe_remap_kv_scale_name": weight_ns["maybe_remap_kv_scale_name"],
+                    # the names vllm-ascend's patched DeepSeek loop adds
+                    "SharedFusedMoE": type("SharedFusedMoE", (FusedMoE,), {"__module__": moe_ns["__name__"]}),
+                    "get_ascend_config": lambda: self.ascend_config}
+        if models_file == DEEPSEEK:
+            _define(vw, DEEPSEEK, ["get_spec_layer_idx_from_weight_name"], model_ns)
+            methods = ["load_weights"]
+        else:
+            methods = ["get_expert_mapping", "load_weights"]
+        where, member, class_name = dict(spec.loaders).get(self.model_type, ("vllm", models_file, loader_class))
+        self._model_class = _real_class(vw if where == "vllm" else aw, member, class_name, methods, _ModelRoot,
+                                        model_ns, new_name=loader_class)
+        self._inner_loader = inner
+
+    # ---- AscendFusedMoE, per release
+
+    def _ascend_moe_0_11(self, FusedMoE: type, moe_ns: dict, w4a8: types.ModuleType) -> type:
+        """0.11: a stand-in constructor (written from behaviour) + the real loader overrides."""
         harness = self
 
         class _AscendFusedMoEInit(FusedMoE):
@@ -718,44 +933,36 @@ class ServingEnv:
                                                  intermediate_size_per_partition=self.intermediate_size_per_partition,
                                                  params_dtype=self.params_dtype, weight_loader=self.weight_loader)
 
-        fused_ns = {"__name__": "vllm_ascend.ops.common_fused_moe", "torch": torch, "Optional": typing.Optional}
-        AscendFusedMoE = _real_class(aw, ASCEND_FUSED_MOE, "AscendFusedMoE",
-                                     ["transpose_weight", "_load_w13", "_load_w2"], _AscendFusedMoEInit, fused_ns)
-        self._moe_class = AscendFusedMoE
-        self._add("vllm_ascend.ops.common_fused_moe", _module("vllm_ascend.ops.common_fused_moe", dict(
-            AscendFusedMoE=AscendFusedMoE,
-            AscendUnquantizedFusedMoEMethod=_dummy_class("AscendUnquantizedFusedMoEMethod",
-                                                         "vllm_ascend.ops.common_fused_moe",
-                                                         moe_ns["FusedMoEMethodBase"]))))
+        module, member = self._spec.ascend_moe
+        fused_ns = {"__name__": module, "torch": torch, "Optional": typing.Optional}
+        return _real_class(self.ascend_wheel, member, "AscendFusedMoE", self._spec.ascend_moe_members,
+                           _AscendFusedMoEInit, fused_ns)
 
-        # The real quantization dispatch and config.
-        utils = self._exec("vllm_ascend.quantization.utils", aw, "vllm_ascend/quantization/utils.py")
-        quant_config = self._exec("vllm_ascend.quantization.quant_config", aw,
-                                  "vllm_ascend/quantization/quant_config.py")
-        assert utils.ASCEND_QUANTIZATION_METHOD_MAP["W4A8_DYNAMIC"]["moe"] is w4a8.AscendW4A8DynamicFusedMoEMethod
-        assert quant_pkg.utils is utils and quant_pkg.w4a8_dynamic is w4a8
-        self.quant_config = quant_config.AscendQuantConfig(self.description)
-        self.vllm_config.quant_config = self.quant_config
-        # vLLM's configure_quant_config: the model class's packed_modules_mapping, passed by reference
-        models_file, loader_class, causal_lm_class, inner = MODEL_TYPES[self.model_type]
-        self.quant_config.packed_modules_mapping = _literal(vw, models_file, "packed_modules_mapping",
-                                                            causal_lm_class)
-
-        # The model's real load_weights
-        model_ns = {"__name__": f"vllm.model_executor.models.{Path(models_file).stem}", "typing": typing,
-                    "torch": torch, "nn": torch.nn, "Callable": collections.abc.Callable,
-                    "Iterable": collections.abc.Iterable, "Optional": typing.Optional, "Union": typing.Union,
-                    "Any": typing.Any, "FusedMoE": FusedMoE, "logger": logger,
-                    "is_pp_missing_parameter": lambda name, model: False,  # no pipeline parallelism
-                    "default_weight_loader": weight_ns["default_weight_loader"],
-                    "maybe_remap_kv_scale_name": weight_ns["maybe_remap_kv_scale_name"]}
-        if models_file == DEEPSEEK:
-            _define(vw, DEEPSEEK, ["get_spec_layer_idx_from_weight_name"], model_ns)
-            methods = ["load_weights"]
-        else:
-            methods = ["get_expert_mapping", "load_weights"]
-        self._model_class = _real_class(vw, models_file, loader_class, methods, _ModelRoot, model_ns)
-        self._inner_loader = inner
+    def _ascend_moe_0_13(self, FusedMoE: type, moe_ns: dict, w4a8: types.ModuleType) -> type:
+        """0.13: the real AscendFusedMoE.__init__ (expert map from vllm-ascend's real init_eplb_config) over
+        a stand-in for vLLM's FusedMoE.__init__; no loader overrides (vLLM's loaders are used)."""
+        aw, logger, groups = self.ascend_wheel, self._logger, self._groups
+        eplb = _define(aw, ASCEND_EPLB_UTILS, ["expert_file_to_tensor", "generate_global_placement",
+                                               "init_eplb_config", "generate_log2phy_map"], {
+            "__name__": "vllm_ascend.eplb.core.eplb_utils", "torch": torch, "np": numpy, "json": json, "os": os,
+            "sys": sys, "defaultdict": collections.defaultdict, "logger": logger})
+        quant_type = _define(aw, ASCEND_PREPARE_FINALIZE, ["QuantType"], {
+            "__name__": "vllm_ascend.ops.fused_moe.prepare_finalize", "Enum": enum.Enum})["QuantType"]
+        module, member = self._spec.ascend_moe
+        fused_ns = {"__name__": module, "torch": torch, "Optional": typing.Optional, "Callable": typing.Callable,
+                    "logger": logger, "get_current_vllm_config": lambda: self.vllm_config,
+                    "get_ascend_config": lambda: self.ascend_config, "get_tp_group": lambda: groups.tp,
+                    "get_dp_group": lambda: groups.dp, "get_ep_group": lambda: groups.ep,
+                    "get_mc2_group": lambda: groups.mc2,
+                    "AscendUnquantizedFusedMoEMethod": _dummy_class("AscendUnquantizedFusedMoEMethod", module),
+                    "init_eplb_config": eplb["init_eplb_config"],
+                    "get_compressed_expert_map": moe_ns["get_compressed_expert_map"],
+                    "setup_moe_comm_method": lambda moe_config: None,  # communication, not weights
+                    "QuantType": quant_type,
+                    "AscendW4A8DynamicFusedMoEMethod": w4a8.AscendW4A8DynamicFusedMoEMethod,
+                    "AscendW8A8DynamicFusedMoEMethod":
+                        sys.modules["vllm_ascend.quantization.w8a8_dynamic"].AscendW8A8DynamicFusedMoEMethod}
+        return _real_class(aw, member, "AscendFusedMoE", self._spec.ascend_moe_members, FusedMoE, fused_ns)
 
     # ---- layers and model
 
@@ -770,9 +977,13 @@ class ServingEnv:
         else:
             parallel = SimpleNamespace(tp_size=self.tp_size, tp_rank=self.tp_rank, dp_size=1, dp_rank=0, ep_size=1,
                                        ep_rank=0, use_ep=False)
-        return self._moe_class(num_experts=num_experts, hidden_size=hidden, intermediate_size=intermediate,
-                               params_dtype=self.params_dtype, quant_config=self.quant_config, prefix=prefix,
-                               moe_parallel_config=parallel)
+        with _ascend._tensor_npu_identity(), warnings.catch_warnings():  # 0.13's expert map goes to the device
+            warnings.filterwarnings("ignore", "Creating a tensor from a list of numpy.ndarrays", UserWarning)
+            layer = self._moe_class(num_experts=num_experts, hidden_size=hidden, intermediate_size=intermediate,
+                                    params_dtype=self.params_dtype, quant_config=self.quant_config, prefix=prefix,
+                                    moe_parallel_config=parallel)
+        self._num_experts[id(layer)] = num_experts
+        return layer
 
     def linear_layer(self, prefix: str, kind: str, input_size: int, output_sizes: list[int]) -> torch.nn.Module:
         """A Linear layer of `kind` replicated/column/merged/row with vLLM's real v1 weight_loader."""
@@ -801,7 +1012,7 @@ class ServingEnv:
         num_hidden_layers from the `layers.N` prefixes, num_nextn_predict_layers=0).
         """
         self._require_active()
-        experts = {m.moe_config.original_num_experts for m in modules.values() if isinstance(m, self._moe_class)}
+        experts = {self._num_experts[id(m)] for m in modules.values() if isinstance(m, self._moe_class)}
         if len(experts) > 1 and not {"n_routed_experts", "num_experts", "num_local_experts"} & set(config):
             raise ValueError(f"MoE layers with different expert counts {sorted(experts)}: pass the config field")
         num_experts = experts.pop() if experts else 0

@@ -58,6 +58,7 @@ class _Release:
 # 0.12 exists as a release candidate only; 0.14 replaces the map with a scheme registry.
 RELEASES = {
     (0, 11): _Release(nz_cast="format_cast", linear_nz=False),
+    (0, 13): _Release(nz_cast="maybe_trans_nz", linear_nz=True),  # its own switch, VLLM_ASCEND_ENABLE_NZ
 }
 SUPPORTED_VLLM_ASCEND = tuple(RELEASES)
 _MARK = "_w4a8conv_scheme"
