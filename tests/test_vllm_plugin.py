@@ -14,6 +14,7 @@ import importlib
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -191,6 +192,24 @@ def test_layer_shapes_that_disagree_with_the_stamp_are_refused(wheels, converted
     _src, out = converted("moe-group-v1")
     with pytest.raises(ServingError, match="vLLM builds hidden 256, intermediate 64 x TP 1"):
         load_moe(out, {}, blocks={MOE: (8, 256, 64)})
+
+
+def test_redundant_experts_are_refused(wheels, converted):
+    """With EPLB's redundant experts vLLM serves more physical experts than the checkpoint holds."""
+    _src, out = converted("moe-group-v1")
+    with pytest.raises(UnsupportedSplitError, match="serves 9 physical experts, the checkpoint holds 8"):
+        load_moe(out, {}, blocks={MOE: (9, 256, 128)})
+
+
+def test_dynamic_eplb_is_refused(wheels, converted):
+    _src, out = converted("moe-group-v1")
+    with serving.ServingEnv(description(out), model_type=model_type(out)) as env:
+        plugin.register()
+        base = sys.modules["vllm_ascend.quantization.w4a8_dynamic"]
+        eplb = base.get_ascend_config()
+        base.get_ascend_config = lambda: SimpleNamespace(**{**vars(eplb), "dynamic_eplb": True})
+        with pytest.raises(ServingError, match="dynamic EPLB"):
+            env.moe_layer(MOE, 8, 256, 128)
 
 
 def test_row_parallel_linear_beyond_tp_1_is_refused(wheels, converted):
