@@ -15,17 +15,16 @@ import pytest
 import torch
 
 from w4a8conv.runtime import NpuReadyCheckpoint
-from w4a8conv.synthetic import PRESETS
 
 try:
     import vllm_ascend_harness as harness
+    from cases import LINEAR_CASES, MOE_CASES, split_allowed
 except ImportError:  # tests/ imported as a package
     from tests import vllm_ascend_harness as harness
+    from tests.cases import LINEAR_CASES, MOE_CASES, split_allowed
 
 SOURCE_TYPE = "W4A8_DYNAMIC"
 BIAS_RTOL = 1e-5  # of max |bias|: fp32 sums in another order differ in the last bits
-TP_SIZES = (1, 2, 4)
-EP_SIZES = (2,)   # with MoE TP 1; EP 1 is the TP 1 case
 SHOWN = 6         # differing elements listed in a failure message
 
 
@@ -42,25 +41,6 @@ def vllm_ascend_wheel() -> Path:
         if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
             pytest.fail(reason + " ($CI is set: the equivalence tests must run)")
         pytest.skip(reason)
-
-
-def split_allowed(intermediate: int, experts: int, group_size: int, tp: int, ep: int) -> bool:
-    """TP: I/tp a multiple of 8 (int4 words) and of group_size when per-group; EP: experts divide."""
-    if intermediate % tp or experts % ep:
-        return False
-    part = intermediate // tp
-    return part % 8 == 0 and (group_size == 0 or part % group_size == 0)
-
-
-def _splits(spec) -> list[tuple[int, int]]:
-    candidates = [(tp, 1) for tp in TP_SIZES] + [(1, ep) for ep in EP_SIZES]
-    return [(tp, ep) for tp, ep in candidates
-            if split_allowed(spec.intermediate, spec.num_experts, spec.effective_group_size, tp, ep)]
-
-
-MOE_CASES = [pytest.param(name, tp, ep, id=f"{name}-tp{tp}-ep{ep}")
-             for name, spec in PRESETS.items() if spec.moe_layers for tp, ep in _splits(spec)]
-LINEAR_CASES = [name for name, spec in PRESETS.items() if spec.w4a8_linear]
 
 
 def _expected_modules(source: harness.SourceCheckpoint) -> tuple[set[str], set[str]]:

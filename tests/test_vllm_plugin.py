@@ -27,10 +27,12 @@ from w4a8conv.synthetic import PRESETS
 
 try:
     import test_vllm_serving_harness as checks
+    from cases import MOE_CASES as BASE_CASES
     import vllm_ascend_harness as harness
     import vllm_serving_harness as serving
 except ImportError:  # tests/ imported as a package
     from tests import test_vllm_serving_harness as checks
+    from tests.cases import MOE_CASES as BASE_CASES
     from tests import vllm_ascend_harness as harness
     from tests import vllm_serving_harness as serving
 
@@ -75,7 +77,7 @@ def load_moe(out, split, *, desc=None, drop=(), kind=None, blocks=None, release=
 
 # vllm-ascend 0.13 resolves an MoE layer's scheme from `experts.0.gate_proj`-style keys only, so it
 # cannot build a w1/w3/w2-named (Mixtral) layer at all, converted or not.
-MOE_CASES = [pytest.param(*case.values, release, id=f"{case.id}-{release}") for case in checks.MOE_CASES
+MOE_CASES = [pytest.param(*case.values, release, id=f"{case.id}-{release}") for case in BASE_CASES
              for release in serving.RELEASES
              if not (release == "0.13" and PRESETS[case.values[0]].projections[0] == "w1")]
 

@@ -34,16 +34,16 @@ from w4a8conv.synthetic import PRESETS
 try:
     import vllm_ascend_harness as harness
     import vllm_serving_harness as serving
+    from cases import LINEAR_CASES, MOE_CASES, splits
 except ImportError:  # tests/ imported as a package
     from tests import vllm_ascend_harness as harness
     from tests import vllm_serving_harness as serving
+    from tests.cases import LINEAR_CASES, MOE_CASES, splits
 
 SOURCE_TYPE = "W4A8_DYNAMIC"
 R013 = "0.13"
 ASCEND_013 = serving.RELEASES[R013].ascend_version
 BIAS_RTOL = 1e-5  # of max |bias|: fp32 sums in another order differ in the last bits
-TP_SIZES = (1, 2, 4)
-EP_SIZES = (2,)   # with MoE TP 1; EP 1 is the TP 1 case
 
 
 def _installed_version(dist: str) -> str | None:
@@ -85,27 +85,10 @@ def no_leftover_modules():
 # Cases
 
 
-def split_allowed(intermediate: int, experts: int, group_size: int, tp: int, ep: int) -> bool:
-    """TP: I/tp a multiple of 8 (int4 words) and of group_size when per-group; EP: experts divide."""
-    if intermediate % tp or experts % ep:
-        return False
-    part = intermediate // tp
-    return part % 8 == 0 and (group_size == 0 or part % group_size == 0)
-
-
-def _splits(spec) -> list[tuple[int, int]]:
-    candidates = [(tp, 1) for tp in TP_SIZES] + [(1, ep) for ep in EP_SIZES]
-    return [(tp, ep) for tp, ep in candidates
-            if split_allowed(spec.intermediate, spec.num_experts, spec.effective_group_size, tp, ep)]
-
-
-MOE_CASES = [pytest.param(name, tp, ep, id=f"{name}-tp{tp}-ep{ep}")
-             for name, spec in PRESETS.items() if spec.moe_layers for tp, ep in _splits(spec)]
-LINEAR_CASES = [name for name, spec in PRESETS.items() if spec.w4a8_linear]
 # 0.13: TP 1 and 2 and EP 2, through the DeepSeek loop (Mixtral: see test_013_mixtral_moe_finds_no_quant_type)
 MOE_CASES_013 = [pytest.param(name, tp, ep, id=f"{name}-tp{tp}-ep{ep}")
                  for name, spec in PRESETS.items() if spec.moe_layers and spec.model_type != "mixtral"
-                 for tp, ep in _splits(spec) if tp <= 2]
+                 for tp, ep in splits(spec) if tp <= 2]
 
 
 def _rank_splits(tp: int, ep: int) -> list[dict]:

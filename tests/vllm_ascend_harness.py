@@ -52,7 +52,8 @@ import torch
 from safetensors import safe_open
 
 __all__ = [
-    "VLLM_ASCEND_VERSION", "VLLM_ASCEND_VERSIONS", "HarnessUnavailable", "find_wheel", "module_source",
+    "VLLM_ASCEND_VERSION", "VLLM_ASCEND_VERSIONS", "HarnessUnavailable", "find_wheel", "download_wheel",
+    "module_source",
     "pack_int4_last_axis", "npu_convert_weight_to_int4pack", "npu_quantize",
     "SourceCheckpoint", "moe_rank_tensors", "linear_tensors", "MOE_KEYS",
 ]
@@ -113,30 +114,38 @@ def find_wheel(version: str = VLLM_ASCEND_VERSION) -> Path:
             raise HarnessUnavailable(f"${wheel_env}={given}: not a vllm_ascend-{version} wheel")
         return path
     cache_dir = Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
-    found = _cached_wheels(cache_dir, version)
+    return download_wheel(f"vllm-ascend=={version}", cache_dir, lambda: _cached_wheels(cache_dir, version),
+                          f"vllm_ascend-{version}-*.whl", FALLBACK_TAGS, wheel_env, timeout=300)
+
+
+def download_wheel(requirement: str, cache_dir: Path, cached, pattern: str, fallback_tags: list[str],
+                   wheel_env: str, timeout: int) -> Path:
+    """A wheel from `cache_dir` (`cached()` lists usable ones), else `pip download` of `requirement`
+    into it, retried with `fallback_tags` when pip finds nothing for this interpreter."""
+    found = cached()
     if found:
         return found[0]
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        for broken in cache_dir.glob(f"vllm_ascend-{version}-*.whl"):  # pip would reuse a broken file
+        for broken in cache_dir.glob(pattern):  # pip would reuse a broken file
             broken.unlink()
     except OSError as exc:
         raise HarnessUnavailable(f"cannot create the wheel cache {cache_dir}: {exc}") from None
     base = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-d", str(cache_dir),
             "--disable-pip-version-check", "--quiet"]
     errors = []
-    for extra in ([], FALLBACK_TAGS):
+    for extra in ([], list(fallback_tags)):
         try:
-            done = subprocess.run(base + extra + [f"vllm-ascend=={version}"], capture_output=True,
-                                  text=True, timeout=300, check=False)
+            done = subprocess.run(base + extra + [requirement], capture_output=True, text=True, timeout=timeout,
+                                  check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             errors.append(str(exc))
             continue
-        found = _cached_wheels(cache_dir, version)
+        found = cached()
         if found:
             return found[0]
         errors.append((done.stderr or done.stdout).strip()[-600:])
-    raise HarnessUnavailable(f"could not download vllm-ascend=={version} into {cache_dir} "
+    raise HarnessUnavailable(f"could not download {requirement} into {cache_dir} "
                              f"(set ${wheel_env} to a wheel on disk): {' | '.join(errors)}")
 
 

@@ -66,7 +66,6 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import types
@@ -162,31 +161,8 @@ def find_vllm_wheel(release: str = DEFAULT_RELEASE) -> Path:
             raise HarnessUnavailable(f"${wheel_env}={given}: not a vllm-{version} wheel")
         return path
     cache_dir = Path(os.environ.get(spec.vllm_cache_env) or spec.vllm_default_cache).expanduser()
-    found = _cached_vllm_wheels(cache_dir, version)
-    if found:
-        return found[0]
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        for broken in cache_dir.glob(f"vllm-{version}-*.whl"):  # pip would reuse a broken file
-            broken.unlink()
-    except OSError as exc:
-        raise HarnessUnavailable(f"cannot create the wheel cache {cache_dir}: {exc}") from None
-    base = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-d", str(cache_dir),
-            "--disable-pip-version-check", "--quiet"]
-    errors = []
-    for extra in ([], list(spec.vllm_fallback_tags)):
-        try:
-            done = subprocess.run(base + extra + [f"vllm=={version}"], capture_output=True, text=True,
-                                  timeout=900, check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            errors.append(str(exc))
-            continue
-        found = _cached_vllm_wheels(cache_dir, version)
-        if found:
-            return found[0]
-        errors.append((done.stderr or done.stdout).strip()[-600:])
-    raise HarnessUnavailable(f"could not download vllm=={version} into {cache_dir} "
-                             f"(set ${wheel_env} to a wheel on disk): {' | '.join(errors)}")
+    return _ascend.download_wheel(f"vllm=={version}", cache_dir, lambda: _cached_vllm_wheels(cache_dir, version),
+                                  f"vllm-{version}-*.whl", list(spec.vllm_fallback_tags), wheel_env, timeout=900)
 
 
 def _wheels(release: str = DEFAULT_RELEASE) -> tuple[Path, Path]:
