@@ -214,12 +214,60 @@ def test_dynamic_eplb_is_refused(wheels, converted):
             env.moe_layer(MOE, 8, 256, 128)
 
 
-def test_row_parallel_linear_beyond_tp_1_is_refused(wheels, converted):
-    _src, out = converted("linear-v1")
+def load_mlps(root, mlps, layers_of, *, release, tp_size, tp_rank, plugin_on: bool):
+    """Dense MLPs (merged gate_up_proj, row-parallel down_proj) of a checkpoint, for one TP rank, through
+    vLLM's real loop; with `plugin_on` the converted checkpoint through the plugin, else the source
+    through vllm-ascend's own W4A8_DYNAMIC path."""
+    with serving.ServingEnv(description(root), model_type=model_type(root), release=release, tp_size=tp_size,
+                            tp_rank=tp_rank) as env:
+        if plugin_on:
+            plugin.register()
+        layers = {}
+        for mlp in mlps:
+            inter, hidden = layers_of(mlp)
+            layers[f"{mlp}.gate_up_proj"] = env.linear_layer(f"{mlp}.gate_up_proj", "merged", hidden, [inter, inter])
+            layers[f"{mlp}.down_proj"] = env.linear_layer(f"{mlp}.down_proj", "row", inter, [hidden])
+        for layer in layers.values():
+            checks._scramble(layer)
+        model = env.model(layers)
+        sources = [f"{mlp}.{proj}" for mlp in mlps for proj in ("gate_proj", "up_proj", "down_proj")]
+        env.load_weights(model, checks._under(serving.weights_from_dir(root), sources))
+        env.process_weights_after_loading(model)
+    return layers
+
+
+@pytest.mark.parametrize("release", list(serving.RELEASES))
+def test_linear_layers_at_tp_2_hold_what_vllm_ascend_holds(wheels, converted, release):
+    """Column-parallel (merged gate/up) and row-parallel (down) at TP 2, every rank: the plugin on the converted
+    checkpoint against vllm-ascend's own path on the source, both through vLLM's real loaders."""
+    src, out = converted("linear-v1")
+    records = description(out)["w4a8conv"]["modules"]
+    mlps = sorted({p.rsplit(".", 1)[0] for p, m in records.items() if m["kind"] == "linear"})
+    sizes = lambda mlp: (records[f"{mlp}.gate_proj"]["out_features"],  # noqa: E731
+                         records[f"{mlp}.down_proj"]["out_features"])
+    for rank in range(2):
+        split = dict(release=release, tp_size=2, tp_rank=rank)
+        got = load_mlps(out, mlps, sizes, plugin_on=True, **split)
+        want = load_mlps(src, mlps, sizes, plugin_on=False, **split)
+        for prefix, layer in got.items():
+            params = dict(layer.named_parameters())
+            assert set(params) == {"weight", "weight_scale_second", "scale_bias"}, sorted(params)
+            reference = dict(want[prefix].named_parameters())
+            for key, tensor in params.items():
+                checks.assert_same(tensor.data, reference[key].data, f"{release} rank {rank} {prefix} {key}",
+                                   bias=key == "scale_bias")
+
+
+def test_a_row_parallel_version_0_layer_beyond_tp_1_is_refused(wheels, converted):
+    """Its bias is vllm-ascend's sum over the rank's input slice; the checkpoint holds the whole sum."""
+    _src, out = converted("linear-v0")
+    records = description(out)["w4a8conv"]["modules"]
+    inter, hidden = (records[f"model.layers.0.mlp.{p}"]["out_features"] for p in ("gate_proj", "down_proj"))
     with serving.ServingEnv(description(out), model_type=model_type(out), tp_size=2, tp_rank=0) as env:
         plugin.register()
-        with pytest.raises(UnsupportedSplitError, match="tensor-parallel size 1 only"):
-            env.linear_layer("model.layers.0.mlp.down_proj", "row", 128, [256])
+        env.linear_layer("model.layers.0.mlp.gate_up_proj", "merged", hidden, [inter, inter])  # column: fine
+        with pytest.raises(UnsupportedSplitError, match=r"row-parallel version \"0\" layer's bias"):
+            env.linear_layer("model.layers.0.mlp.down_proj", "row", inter, [hidden])
 
 
 def test_without_the_plugin_vllm_ascend_refuses_the_converted_type(wheels, converted):

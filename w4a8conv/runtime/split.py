@@ -10,7 +10,7 @@ import torch
 from ..constants import DOWN_BIAS_CHUNKS, INT4_PER_INT32
 from ..errors import UnsupportedSplitError
 
-__all__ = ["RankSplit", "check_tp", "expert_rank_part"]
+__all__ = ["RankSplit", "check_tp", "expert_rank_part", "linear_output_axis", "linear_rank_part"]
 
 
 @dataclass(frozen=True)
@@ -76,3 +76,24 @@ def expert_rank_part(output: str, is_down: bool, stored: torch.Tensor, *, interm
     per_rank = DOWN_BIAS_CHUNKS // tp_size
     # Chunks first, as vllm-ascend's update_bias lays them out before summing (same fp32 order).
     return stored[:, tp_rank * per_rank:(tp_rank + 1) * per_rank].t().contiguous().sum(dim=0)
+
+
+def linear_output_axis(param: str) -> int:
+    """The output (N) axis of a stored Linear tensor: weight [K, N/8] and scales [K/G, N] last, bias first."""
+    return 1 if param in ("weight", "weight_scale_second") else 0
+
+
+def linear_rank_part(param: str, stored: torch.Tensor, *, row_parallel: bool, tp_size: int,
+                     tp_rank: int) -> torch.Tensor:
+    """A rank's part of one stored Linear tensor (or of one shard of a merged layer), as vllm-ascend
+    holds it. Column-parallel ranks take an equal block of output columns (int32 words for the weight);
+    row-parallel ranks take a block of input rows of the weight and its scales, and the whole bias
+    (vLLM cuts a row-parallel parameter only along an input axis, and the bias has none)."""
+    if row_parallel:
+        if param not in ("weight", "weight_scale_second"):
+            return stored
+        rows = stored.shape[0] // tp_size
+        return stored[tp_rank * rows:(tp_rank + 1) * rows]
+    axis = linear_output_axis(param)
+    width = stored.shape[axis] // tp_size
+    return stored.narrow(axis, tp_rank * width, width)

@@ -39,7 +39,7 @@ from ..constants import CONVERTED_TYPE, DESCRIPTION_NAME, INT4_PER_INT32, QuantV
 from ..errors import ServingError, UnsupportedSplitError
 from ..layout import linear_tensor_specs
 from .checkpoint import checked_stamp
-from .split import check_tp, expert_rank_part
+from .split import check_tp, expert_rank_part, linear_output_axis, linear_rank_part
 
 __all__ = ["register", "SUPPORTED_VLLM_ASCEND"]
 
@@ -317,20 +317,24 @@ def _linear_scheme(base: type, release: _Release) -> type:
 
         def attach(self, layer: torch.nn.Module) -> None:
             name = layer.prefix
-            if getattr(layer, "tp_size", 1) != 1:
-                raise UnsupportedSplitError(f"{name}: converted W4A8 Linear layers are served at tensor-parallel "
-                                            f"size 1 only (vLLM shards this one over {layer.tp_size} ranks)")
             records = [_record(self.stamp, shard, "linear")[1] for shard in _shards(layer, name)]
             sizes = [r["out_features"] for r in records]
-            if list(getattr(layer, "output_sizes", sizes)) != sizes or \
-                    any(r["in_features"] != layer.input_size for r in records):
+            inputs = {r["in_features"] for r in records}
+            if list(getattr(layer, "output_sizes", sizes)) != sizes or inputs != {layer.input_size}:
                 raise ServingError(f"{name}: vLLM builds outputs {list(layer.output_sizes)} x input "
-                                   f"{layer.input_size}; the checkpoint holds {sizes} x "
-                                   f"{[r['in_features'] for r in records]}")
+                                   f"{layer.input_size}; the checkpoint holds {sizes} x {sorted(inputs)}")
+            tp_size, tp_rank = getattr(layer, "tp_size", 1), getattr(layer, "tp_rank", 0)
+            row_parallel = isinstance(layer, importlib.import_module("vllm.model_executor.layers.linear")
+                                      .RowParallelLinear)
+            _check_linear_split(name, sizes, layer.input_size, self.group_size, tp_size, row_parallel,
+                                partial_bias=self.bias_name == "weight_scale_bias",
+                                kv_heads=hasattr(layer, "num_kv_heads"))
+            local = sizes if row_parallel else [size // tp_size for size in sizes]
+            cut = functools.partial(linear_rank_part, row_parallel=row_parallel, tp_size=tp_size, tp_rank=tp_rank)
             loads = _Loads(name)
             for param in ("weight", "weight_scale_second", self.bias_name):
                 loads.expect(param, 1, len(sizes))
-                getattr(layer, param).weight_loader = _linear_loader(name, param, sizes, loads)
+                getattr(layer, param).weight_loader = _linear_loader(name, param, local, loads, cut)
             layer.w4a8conv_loads = loads
 
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
@@ -351,24 +355,43 @@ def _shards(layer: torch.nn.Module, prefix: str) -> list[str]:
     return [prefix.replace(proj, shard) for shard in mapping[proj]] if proj in mapping else [prefix]
 
 
-def _linear_loader(layer_name: str, param: str, sizes: list[int], loads: _Loads):
-    """Loads a whole layer, or one shard of a merged one (gate/up, q/k/v) into its output columns."""
+def _check_linear_split(name: str, sizes: list[int], input_size: int, group_size: int, tp_size: int,
+                        row_parallel: bool, *, partial_bias: bool, kv_heads: bool) -> None:
+    """Refuse a tensor-parallel Linear split the stored tensors cannot be cut into exactly."""
+    if tp_size == 1:
+        return
+    def refuse(rule: str) -> UnsupportedSplitError:
+        return UnsupportedSplitError(f"{name}: tensor-parallel size {tp_size}: {rule}")
+
+    if row_parallel:
+        if partial_bias:
+            raise refuse("a row-parallel version \"0\" layer's bias is a sum over each rank's input slice, and "
+                         "the checkpoint stores it over the whole input")
+        part = input_size // tp_size
+        if input_size % tp_size or part % group_size:
+            raise refuse(f"input {input_size} does not split into whole groups of {group_size}")
+    elif kv_heads:
+        raise refuse("q/k/v layers may replicate KV heads over ranks, which is not supported")
+    elif any(size % (tp_size * INT4_PER_INT32) for size in sizes):
+        raise refuse(f"outputs {sizes} do not split into whole int32 words of {INT4_PER_INT32} int4 values")
+
+
+def _linear_loader(layer_name: str, param: str, local: list[int], loads: _Loads, cut: Callable[..., torch.Tensor]):
+    """Loads the rank's part of a whole layer, or of one shard of a merged one (gate/up) into its columns."""
     def load(parameter, loaded_weight, loaded_shard_id=None):
+        part = cut(param, loaded_weight)
         if loaded_shard_id is None:
-            if len(sizes) != 1 and tuple(loaded_weight.shape) != tuple(parameter.shape):
-                raise ServingError(f"{layer_name}.{param}: a merged layer got an unsharded tensor")
-            _copy(parameter.data, loaded_weight, f"{layer_name}.{param}")
+            _copy(parameter.data, part, f"{layer_name}.{param}")
             loads.mark(param, 0, slice(None))
             return
         index = _SHARD_IDS.get(loaded_shard_id, loaded_shard_id)
-        start, width = sum(sizes[:index]), sizes[index]
+        start, width = sum(local[:index]), local[index]
         unit = INT4_PER_INT32 if param == "weight" else 1
         if start % unit or width % unit:
             raise UnsupportedSplitError(f"{layer_name}: shard {loaded_shard_id} starts at column {start} with "
                                         f"{width} columns, not whole int32 words of {INT4_PER_INT32} int4 values")
-        axis = 0 if param != "weight" and param != "weight_scale_second" else 1
-        dest = parameter.data.narrow(axis, start // unit, width // unit)
-        _copy(dest, loaded_weight, f"{layer_name}.{param} shard {loaded_shard_id}")
+        dest = parameter.data.narrow(linear_output_axis(param), start // unit, width // unit)
+        _copy(dest, part, f"{layer_name}.{param} shard {loaded_shard_id}")
         loads.mark(param, 0, index)
 
     return load
