@@ -10,6 +10,7 @@ serving itself (`apply` calls vllm-ascend's NPU kernels); docs/serving.md says s
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 import importlib
 import json
 import subprocess
@@ -111,28 +112,44 @@ def test_moe_through_the_qwen3_moe_loop(wheels, converted):
                 checks.assert_same(getattr(layer, key).data, want[key], key, bias=key.endswith("scale_bias"))
 
 
-@pytest.mark.parametrize("release", list(serving.RELEASES))
-@pytest.mark.parametrize("preset", ["linear-v0", "linear-v1"])
-def test_linear_layers_hold_what_vllm_ascend_derives_from_the_source(wheels, converted, preset, release):
-    """Dense MLPs at TP 1: gate/up through vLLM's merged loader path (shard ids 0, 1), down as a row layer."""
-    src, out = converted(preset)
+def dense_mlps(out) -> tuple[list[str], Callable[[str], tuple[int, int]]]:
+    """The converted W4A8 dense MLPs (and shared experts) and their (intermediate, hidden) sizes."""
     records = description(out)["w4a8conv"]["modules"]
     mlps = sorted({p.rsplit(".", 1)[0] for p, m in records.items() if m["kind"] == "linear"})
-    bias = "scale_bias" if PRESETS[preset].version == "1.0.0" else "weight_scale_bias"
-    version = serving.RELEASES[release].ascend_version
-    with serving.ServingEnv(description(out), model_type=model_type(out), release=release) as env:
-        plugin.register()
+    return mlps, lambda mlp: (records[f"{mlp}.gate_proj"]["out_features"], records[f"{mlp}.down_proj"]["out_features"])
+
+
+def load_mlps(root, mlps, layers_of, *, release, plugin_on: bool, tp_size=1, tp_rank=0):
+    """Dense MLPs (merged gate_up_proj, row-parallel down_proj) of a checkpoint, for one TP rank, through
+    vLLM's real loop; with `plugin_on` the converted checkpoint through the plugin, else the source
+    through vllm-ascend's own W4A8_DYNAMIC path."""
+    with serving.ServingEnv(description(root), model_type=model_type(root), release=release, tp_size=tp_size,
+                            tp_rank=tp_rank) as env:
+        if plugin_on:
+            plugin.register()
         layers = {}
         for mlp in mlps:
-            inter, hidden = records[f"{mlp}.gate_proj"]["out_features"], records[f"{mlp}.down_proj"]["out_features"]
+            inter, hidden = layers_of(mlp)
             layers[f"{mlp}.gate_up_proj"] = env.linear_layer(f"{mlp}.gate_up_proj", "merged", hidden, [inter, inter])
             layers[f"{mlp}.down_proj"] = env.linear_layer(f"{mlp}.down_proj", "row", inter, [hidden])
         for layer in layers.values():
             checks._scramble(layer)
         model = env.model(layers)
         sources = [f"{mlp}.{proj}" for mlp in mlps for proj in ("gate_proj", "up_proj", "down_proj")]
-        env.load_weights(model, checks._under(serving.weights_from_dir(out), sources))
+        env.load_weights(model, checks._under(serving.weights_from_dir(root), sources))
         env.process_weights_after_loading(model)
+    return layers
+
+
+@pytest.mark.parametrize("release", list(serving.RELEASES))
+@pytest.mark.parametrize("preset", ["linear-v0", "linear-v1"])
+def test_linear_layers_hold_what_vllm_ascend_derives_from_the_source(wheels, converted, preset, release):
+    """Dense MLPs at TP 1: gate/up through vLLM's merged loader path (shard ids 0, 1), down as a row layer."""
+    src, out = converted(preset)
+    mlps, sizes = dense_mlps(out)
+    bias = "scale_bias" if PRESETS[preset].version == "1.0.0" else "weight_scale_bias"
+    version = serving.RELEASES[release].ascend_version
+    layers = load_mlps(out, mlps, sizes, release=release, plugin_on=True)
     for mlp in mlps:
         gate, up = (harness.linear_tensors(src, f"{mlp}.{proj}", version=version) for proj in ("gate_proj", "up_proj"))
         expected = {f"{mlp}.gate_up_proj": {k: torch.cat([gate[k], up[k]], dim=-1) for k in gate},
@@ -214,37 +231,12 @@ def test_dynamic_eplb_is_refused(wheels, converted):
             env.moe_layer(MOE, 8, 256, 128)
 
 
-def load_mlps(root, mlps, layers_of, *, release, tp_size, tp_rank, plugin_on: bool):
-    """Dense MLPs (merged gate_up_proj, row-parallel down_proj) of a checkpoint, for one TP rank, through
-    vLLM's real loop; with `plugin_on` the converted checkpoint through the plugin, else the source
-    through vllm-ascend's own W4A8_DYNAMIC path."""
-    with serving.ServingEnv(description(root), model_type=model_type(root), release=release, tp_size=tp_size,
-                            tp_rank=tp_rank) as env:
-        if plugin_on:
-            plugin.register()
-        layers = {}
-        for mlp in mlps:
-            inter, hidden = layers_of(mlp)
-            layers[f"{mlp}.gate_up_proj"] = env.linear_layer(f"{mlp}.gate_up_proj", "merged", hidden, [inter, inter])
-            layers[f"{mlp}.down_proj"] = env.linear_layer(f"{mlp}.down_proj", "row", inter, [hidden])
-        for layer in layers.values():
-            checks._scramble(layer)
-        model = env.model(layers)
-        sources = [f"{mlp}.{proj}" for mlp in mlps for proj in ("gate_proj", "up_proj", "down_proj")]
-        env.load_weights(model, checks._under(serving.weights_from_dir(root), sources))
-        env.process_weights_after_loading(model)
-    return layers
-
-
 @pytest.mark.parametrize("release", list(serving.RELEASES))
 def test_linear_layers_at_tp_2_hold_what_vllm_ascend_holds(wheels, converted, release):
     """Column-parallel (merged gate/up) and row-parallel (down) at TP 2, every rank: the plugin on the converted
     checkpoint against vllm-ascend's own path on the source, both through vLLM's real loaders."""
     src, out = converted("linear-v1")
-    records = description(out)["w4a8conv"]["modules"]
-    mlps = sorted({p.rsplit(".", 1)[0] for p, m in records.items() if m["kind"] == "linear"})
-    sizes = lambda mlp: (records[f"{mlp}.gate_proj"]["out_features"],  # noqa: E731
-                         records[f"{mlp}.down_proj"]["out_features"])
+    mlps, sizes = dense_mlps(out)
     for rank in range(2):
         split = dict(release=release, tp_size=2, tp_rank=rank)
         got = load_mlps(out, mlps, sizes, plugin_on=True, **split)
@@ -261,8 +253,7 @@ def test_linear_layers_at_tp_2_hold_what_vllm_ascend_holds(wheels, converted, re
 def test_a_row_parallel_version_0_layer_beyond_tp_1_is_refused(wheels, converted):
     """Its bias is vllm-ascend's sum over the rank's input slice; the checkpoint holds the whole sum."""
     _src, out = converted("linear-v0")
-    records = description(out)["w4a8conv"]["modules"]
-    inter, hidden = (records[f"model.layers.0.mlp.{p}"]["out_features"] for p in ("gate_proj", "down_proj"))
+    inter, hidden = dense_mlps(out)[1]("model.layers.0.mlp")
     with serving.ServingEnv(description(out), model_type=model_type(out), tp_size=2, tp_rank=0) as env:
         plugin.register()
         env.linear_layer("model.layers.0.mlp.gate_up_proj", "merged", hidden, [inter, inter])  # column: fine
