@@ -1,32 +1,88 @@
-"""Command line: parse, call `api`, print. Only `main` turns errors into exit codes."""
+"""Command line: parse, call `api`, print through `output.sink`. Only `main` turns errors into exit codes."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from . import __version__
 from .constants import ExitCode
 from .errors import W4A8Error
+from .output import human_bytes as _human, sink
+
+try:  # newer typer releases ship their own copy of click
+    from typer._click import exceptions as _click_exceptions
+except ImportError:
+    from click import exceptions as _click_exceptions
 
 __all__ = ["app", "main"]
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Convert msModelSlim W4A8_DYNAMIC checkpoints into vllm-ascend's NPU-ready layout.")
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
 
-SrcArg = Annotated[Path, typer.Argument(help="msModelSlim checkpoint directory (read only).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON object.")]
+
+def _flag(*names: str, help: str) -> typer.models.OptionInfo:
+    """A boolean switch; an empty metavar keeps typer from showing it as taking a value."""
+    return typer.Option(*names, help=help, metavar="")
+
+
+SrcArg = Annotated[Path, typer.Argument(help="msModelSlim checkpoint directory (read only).", show_default=False)]
+JsonOpt = Annotated[bool, _flag("--json", help="Print one machine-readable JSON object on stdout "
+                                               "(on failure too: exit code, error class, message, file, tensor).")]
+QuietOpt = Annotated[bool, _flag("-q", "--quiet", help="Print only results, warnings and errors (no phases, "
+                                                       "no progress).")]
+VerboseOpt = Annotated[bool, _flag("-v", "--verbose", help="Also print detail lines, and a traceback on an "
+                                                           "internal error.")]
 DtypeOpt = Annotated[Optional[str], typer.Option(
     "--model-dtype", help="Model dtype (bfloat16, float16, float32); default: config.json's torch_dtype.")]
+WorkersDefault = os.cpu_count() or 1
+
+# What an interrupted command leaves behind, by what it does.
+INTERRUPT_NOTES = {
+    "convert": "finished shards are kept: run the same command with --resume",
+    "dry-run": "nothing was written",
+    "read-only": "nothing was changed",
+}
+
+
+@dataclass
+class _Running:
+    """The command under way, for the error lines `main` prints after it unwound."""
+
+    command: str = "w4a8conv"
+    interrupt_note: str = INTERRUPT_NOTES["read-only"]
+
+
+_running = _Running()
+
+
+def _begin(command: str, effect: str, *, quiet: bool, verbose: bool, as_json: bool) -> None:
+    """Configure the sink for one command and remember what an interrupt would leave behind."""
+    _running.command, _running.interrupt_note = f"w4a8conv {command}", INTERRUPT_NOTES[effect]
+    if quiet and verbose:
+        raise typer.BadParameter("--quiet and --verbose exclude each other", param_hint="-q/-v")
+    sink.configure(quiet=quiet, verbose=verbose, as_json=as_json)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        sink.result(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the tool version and exit.", metavar="",
+                                          callback=_print_version, is_eager=True)] = False,
+) -> None:
+    """Convert msModelSlim W4A8_DYNAMIC checkpoints into vllm-ascend's NPU-ready layout."""
 
 
 def _parse_size(text: str) -> int:
@@ -43,48 +99,6 @@ def _parse_size(text: str) -> int:
     return int(value)
 
 
-def _human(n: float) -> str:
-    if n < 1000:
-        return f"{n:.0f} B"
-    for unit in ("KB", "MB", "GB"):
-        n /= 1000
-        if n < 1000:
-            return f"{n:.2f} {unit}"
-    return f"{n / 1000:.2f} TB"
-
-
-class _Progress:
-    """Output bytes written: a rich bar on a terminal, a plain line per 10 % otherwise (stderr)."""
-
-    def __init__(self, enabled: bool):
-        self.done, self.enabled, self.next_line = 0, enabled, 10
-        self.bar = self.task = None
-        if enabled and err.is_terminal:
-            from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
-
-            self.bar = Progress("converting", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                                TimeRemainingColumn(), console=err, transient=True)
-
-    def __enter__(self) -> "_Progress":
-        if self.bar:
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar:
-            self.bar.stop()
-
-    def __call__(self, nbytes: int, total: int) -> None:
-        self.done += nbytes
-        if self.bar:
-            if self.task is None:
-                self.task = self.bar.add_task("convert", total=total)
-            self.bar.update(self.task, completed=self.done)
-        elif self.enabled and total and self.done * 100 >= self.next_line * total:
-            err.print(f"progress: {self.done * 100 // total}% ({_human(self.done)} of {_human(total)})")
-            self.next_line = self.done * 100 // total // 10 * 10 + 10
-
-
 def _plan_rows(plan: dict) -> list[tuple[str, str]]:
     free = plan["disk_free_bytes"]
     return [
@@ -98,67 +112,68 @@ def _plan_rows(plan: dict) -> list[tuple[str, str]]:
     ]
 
 
-def _print_rows(rows: list[tuple[str, str]]) -> None:
-    table = Table(show_header=False, box=None, pad_edge=False)
-    for key, value in rows:
-        table.add_row(key, value)
-    out.print(table)
-
-
 @app.command()
 def convert(
     source: SrcArg,
-    output: Annotated[Path, typer.Argument(help="New or empty output directory.")],
+    output: Annotated[Path, typer.Argument(help="New or empty output directory.", show_default=False)],
     max_shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 4GB or 500MiB.")] = "4GB",
-    workers: Annotated[int, typer.Option(min=1, help="Shards converted in parallel processes "
-                                                     "(default: CPU cores).")] = os.cpu_count() or 1,
-    resume: Annotated[bool, typer.Option("--resume", help="Finish an interrupted conversion in OUTPUT.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace a previous w4a8conv output in OUTPUT.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the plan; write nothing.")] = False,
+    workers: Annotated[int, typer.Option(min=1, show_default="CPU cores",
+                                         help="Shards converted in parallel processes.")] = WorkersDefault,
+    resume: Annotated[bool, _flag("--resume", help="Finish an interrupted conversion in OUTPUT.")] = False,
+    force: Annotated[bool, _flag("--force", help="Replace a previous w4a8conv output in OUTPUT.")] = False,
+    dry_run: Annotated[bool, _flag("--dry-run", help="Validate and print the plan; write nothing.")] = False,
     model_dtype: DtypeOpt = None,
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Write an NPU-ready checkpoint: packed int4 weights, int64 scales, MSD biases."""
+    _begin("convert", "dry-run" if dry_run else "convert", quiet=quiet, verbose=verbose, as_json=as_json)
     from .api import ConvertOptions, convert as run
 
     if resume and force:
-        raise typer.BadParameter("--resume and --force exclude each other")
+        raise typer.BadParameter("--resume and --force exclude each other", param_hint="--resume/--force")
     options = ConvertOptions(max_shard_bytes=_parse_size(max_shard_size), model_dtype=model_dtype, workers=workers,
                              resume=resume, force=force, dry_run=dry_run)
-    with _Progress(enabled=not as_json) as progress:
+    with sink.progress("converting") as progress:
         report = run(source, output, options=options, on_progress=progress)
     summary = report.summary()
     if as_json:
-        out.print_json(json.dumps(summary))
+        sink.data(summary)
         return
     if dry_run:
-        out.print(f"plan for {output} (dry run, nothing written):")
-        _print_rows(_plan_rows(summary["plan"]))
+        sink.result(f"plan for {output} (dry run, nothing written):")
+        sink.rows(_plan_rows(summary["plan"]))
     else:
-        out.print(f"converted {summary['modules_converted']} W4A8 modules, passed {summary['tensors_passed_through']} "
-                  f"tensors through: {summary['tensors']} tensors in {summary['shards']} shard(s), "
-                  f"{_human(summary['source_bytes'])} -> {_human(summary['output_bytes'])} in "
-                  f"{summary['seconds']:.1f} s with {summary['workers']} worker(s), "
-                  f"peak RSS {_human(summary['peak_rss_bytes'])} -> {summary['output']}")
+        sink.result(f"converted {summary['modules_converted']} W4A8 modules, passed "
+                    f"{summary['tensors_passed_through']} tensors through: {summary['tensors']} tensors in "
+                    f"{summary['shards']} shard(s), {_human(summary['source_bytes'])} -> "
+                    f"{_human(summary['output_bytes'])} in {summary['seconds']:.1f} s with {summary['workers']} "
+                    f"worker(s), peak RSS {_human(summary['peak_rss_bytes'])} -> {summary['output']}")
     for note in summary["warnings"]:
-        err.print(f"warning: {note}", markup=False)
+        sink.warning(note)
 
 
 @app.command()
 def inspect(
-    path: SrcArg,
-    plan: Annotated[bool, typer.Option("--plan", help="Also print the conversion plan of a source.")] = False,
+    path: Annotated[Path, typer.Argument(
+        help="An msModelSlim source directory (validated) or a directory w4a8conv converted.", show_default=False)],
+    plan: Annotated[bool, _flag("--plan", help="Also print the conversion plan of a source.")] = False,
     max_shard_size: Annotated[str, typer.Option(help="Shard size the plan assumes.")] = "4GB",
-    workers: Annotated[int, typer.Option(min=1, help="Workers the plan assumes.")] = os.cpu_count() or 1,
+    workers: Annotated[int, typer.Option(min=1, show_default="CPU cores",
+                                         help="Workers the plan assumes.")] = WorkersDefault,
     model_dtype: DtypeOpt = None,
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Describe a source checkpoint (validating it) or a converted directory."""
+    _begin("inspect", "read-only", quiet=quiet, verbose=verbose, as_json=as_json)
     from .api import inspect as run
 
     info = run(path, model_dtype=model_dtype, plan_for=(_parse_size(max_shard_size), workers) if plan else None)
     if as_json:
-        out.print_json(json.dumps(info))
+        sink.data(info)
         return
     rows = [("path", info["path"]), ("kind", info["kind"])]
     if info["kind"] == "converted":
@@ -196,22 +211,25 @@ def inspect(
     rows += [("warning", note) for note in info["warnings"]]
     if info.get("plan"):
         rows += _plan_rows(info["plan"])
-    _print_rows(rows)
+    sink.rows(rows)
 
 
 @app.command()
 def verify(
-    path: Annotated[Path, typer.Argument(help="Converted directory.")],
+    path: Annotated[Path, typer.Argument(help="Converted directory.", show_default=False)],
     source: Annotated[Optional[Path], typer.Option(help="Also compare decoded tensors with this source.")] = None,
     sample: Annotated[int, typer.Option(min=1, help="Experts per MoE layer compared with --source "
                                                     "(and MoE layers run with --numerics).")] = 2,
-    all_tensors: Annotated[bool, typer.Option("--all", help="Compare every expert and tensor.")] = False,
-    numerics: Annotated[bool, typer.Option(
+    all_tensors: Annotated[bool, _flag("--all", help="Compare every expert and tensor.")] = False,
+    numerics: Annotated[bool, _flag(
         "--numerics", help="Also run sampled MoE layers through the reference backend and compare with an "
                            "fp32 forward of --source (relative error per layer, against its bound).")] = False,
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Check shards, hashes, index and stamp (and, with --source, the values); exit 5 on any problem."""
+    _begin("verify", "read-only", quiet=quiet, verbose=verbose, as_json=as_json)
     from .verify import verify as run
 
     if numerics and source is None:
@@ -220,45 +238,46 @@ def verify(
     report = run(path, source=source, sample=None if all_tensors else sample, numerics=numerics)
     summary = report.summary()
     if as_json:
-        out.print_json(json.dumps(summary))
+        sink.data(summary)
     else:
         worst = ", ".join(f"{k} {v:.3g}" for k, v in summary["worst_relative_error"].items())
-        out.print(f"{'ok' if report.ok else 'FAILED'}: {summary['shards_checked']} shard(s), "
-                  f"{_human(summary['bytes_hashed'])} hashed, {summary['tensors_compared']} tensors compared"
-                  + (f"; worst relative error: {worst}" if worst else ""))
+        sink.result(f"{'ok' if report.ok else 'FAILED'}: {summary['shards_checked']} shard(s), "
+                    f"{_human(summary['bytes_hashed'])} hashed, {summary['tensors_compared']} tensors compared"
+                    + (f"; worst relative error: {worst}" if worst else ""))
         for layer in report.numerics:
-            out.print(f"numerics {layer.prefix}: relative error {layer.error:.2%}, bound {layer.bound:.2%} "
-                      f"({'ok' if layer.ok else 'FAILED'}; experts [{layer.expert_start}, "
-                      f"{layer.expert_start + layer.experts}), {layer.tokens} tokens, top-{layer.top_k})")
+            sink.result(f"numerics {layer.prefix}: relative error {layer.error:.2%}, bound {layer.bound:.2%} "
+                        f"({'ok' if layer.ok else 'FAILED'}; experts [{layer.expert_start}, "
+                        f"{layer.expert_start + layer.experts}), {layer.tokens} tokens, top-{layer.top_k})")
     for problem in report.problems:
-        err.print(f"problem: {problem}", markup=False, soft_wrap=True)
+        sink.problem(problem)
     if not report.ok:
         raise typer.Exit(int(ExitCode.VERIFY_FAILED))
 
 
 @app.command()
-def selfcheck(as_json: JsonOpt = False) -> None:
+def selfcheck(as_json: JsonOpt = False, quiet: QuietOpt = False, verbose: VerboseOpt = False) -> None:
     """Compare torch_npu's int4 packing and A8W4 kernels with the CPU code (skipped without torch_npu);
     exit 5 when a check fails."""
+    _begin("selfcheck", "read-only", quiet=quiet, verbose=verbose, as_json=as_json)
     from .selfcheck import run_selfcheck
 
     report = run_selfcheck()
     if as_json:
-        out.print_json(json.dumps(report.summary()))
+        sink.data(report.summary())
     else:
         for item in report.items:
-            out.print(f"{item.status:7} {item.name}: {item.checks}", markup=False, soft_wrap=True)
-            out.print(f"        {item.detail}", markup=False, soft_wrap=True)
+            sink.result(f"{item.status:7} {item.name}: {item.checks}")
+            sink.result(f"        {item.detail}")
         skipped = sum(item.status == "skipped" for item in report.items)
-        out.print(("ok" if report.ok else "FAILED") + (f" ({skipped} skipped)" if skipped else ""))
+        sink.result(("ok" if report.ok else "FAILED") + (f" ({skipped} skipped)" if skipped else ""))
     if not report.ok:
         raise typer.Exit(int(ExitCode.VERIFY_FAILED))
 
 
 @app.command()
 def version() -> None:
-    """Print the tool version."""
-    out.print(__version__)
+    """Print the tool version (as --version does)."""
+    sink.result(__version__)
 
 
 class Interrupted(Exception):
@@ -274,18 +293,41 @@ def _raise_interrupted(signum: int, _frame: object) -> None:
     raise Interrupted(signum)
 
 
-def main() -> None:
-    """Console entry point: click handles usage errors (exit 2); w4a8conv errors print one line."""
+def _usage_error_line(exc: _click_exceptions.UsageError) -> str:
+    """click's usage error as one line: the command, the message, where help is."""
+    command = exc.ctx.command_path if exc.ctx else _running.command
+    return f"{command}: {exc.format_message()} (see {command} -h)"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: usage errors exit 2 and w4a8conv errors their own code, each as one
+    `error:` line on stderr; an unexpected exception exits 1 (its traceback with --verbose)."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _raise_interrupted)
+    sink.configure()
+    _running.__init__()
+    command = typer.main.get_command(app)
     try:
-        app()
+        code = command.main(args=argv, prog_name="w4a8conv", standalone_mode=False)
+    except _click_exceptions.NoArgsIsHelpError as exc:
+        sink.result(exc.format_message())  # typer's rich help may already be printed (then this is empty)
+        code = int(ExitCode.USAGE)
+    except _click_exceptions.UsageError as exc:
+        sink.error(_usage_error_line(exc))
+        code = int(ExitCode.USAGE)
     except W4A8Error as exc:
-        err.print(f"error: {exc}", markup=False, soft_wrap=True)
-        sys.exit(int(exc.exit_code))
+        sink.error(str(exc))
+        code = int(exc.exit_code)
     except Interrupted as exc:
-        err.print(f"error: interrupted by {exc}; finished shards are kept: run the same command with --resume")
-        sys.exit(128 + exc.signum)
+        sink.error(f"interrupted by {exc}; {_running.interrupt_note}")
+        code = 128 + exc.signum
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, exit 1
+        if sink.verbosity >= sink.verbosity.VERBOSE:
+            traceback.print_exc()
+        sink.error(f"internal error: {type(exc).__name__}: {exc} (a bug: please report it; "
+                   f"-v shows the traceback)")
+        code = int(ExitCode.INTERNAL)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
