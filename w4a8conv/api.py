@@ -88,6 +88,7 @@ def build_stamp(plan: Plan, shards: list[WrittenShard], source_fingerprint: str)
         "vllm_ascend": TARGET_VLLM_ASCEND,
         "tool_version": __version__,
         "source": {
+            "producer": source.producer,
             "version": source.version.value,
             "group_size": source.group_size,
             "model_dtype": str(source.model_dtype).removeprefix("torch.") if source.model_dtype else None,
@@ -160,7 +161,7 @@ def convert(source: Path | str, output: Path | str, *, options: ConvertOptions |
     src = open_source(source_root, model_dtype=options.model_dtype)
     plan = make_plan(src)
     copied = src.non_weight_files()
-    _prepare_output(source_root, output, {p.name for p in copied}, options)
+    _prepare_output(source_root, output, {p.name for p in copied} | set(src.rewritten_json), options)
     shards = assign_shards(plan.tensors, options.max_shard_bytes)
     resources = estimate_resources(plan, shards, output, options.workers)
     variants = Counter(m.variant for m in (*plan.moe_layers, *plan.linears))
@@ -213,6 +214,8 @@ def convert(source: Path | str, output: Path | str, *, options: ConvertOptions |
         raise
     for extra in copied:
         copy_file_atomic(extra, output / extra.name)
+    for name, content in src.rewritten_json.items():
+        write_json_atomic(output / name, content)
     weight_map = {t.name: shard.file_name for shard in shards for t in shard.tensors}
     write_json_atomic(output / INDEX_NAME, {"metadata": {"total_size": resources.write_bytes},
                                             "weight_map": weight_map})

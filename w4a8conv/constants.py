@@ -41,6 +41,8 @@ class Variant(str, Enum):
     MOE_GROUP_V1 = "moe-group-v1"
     MOE_CHANNEL_V0 = "moe-channel-v0"
     MOE_CHANNEL_V1 = "moe-channel-v1"
+    MOE_GROUP_CT = "moe-group-ct"      # compressed-tensors (llm-compressor), int4 values one per int8
+    MOE_CHANNEL_CT = "moe-channel-ct"
     LINEAR_GROUP_V0 = "linear-group-v0"
     LINEAR_GROUP_V1 = "linear-group-v1"
 

@@ -101,13 +101,13 @@ def dequantized_experts(src: SourceCheckpoint, reader: TensorReader, prefix: str
         stacked = []
         for e in experts:
             base = f"{prefix}.experts.{e}.{proj}."
-            w = spec.int4_values(reader.load(src.tensors[base + "weight"])).to(torch.float32)
-            if spec.per_group:
-                second = reader.load(src.tensors[base + "weight_scale_second"]).to(torch.float32)
+            parts = {s: reader.load(src.tensors[base + s]) for s in ("weight", *spec.scales.shapes(1, 1, 1))}
+            w = spec.int4_values(parts["weight"]).to(torch.float32)
+            channel, second = spec.scales.factors(parts)
+            if second is not None:
                 out, inp = w.shape
                 groups = second.shape[1]
                 w = (w.reshape(out, groups, inp // groups) * second[:, :, None]).reshape(out, inp)
-            channel = reader.load(src.tensors[base + "weight_scale"]).to(torch.float32)
             stacked.append(w * channel.reshape(-1, 1))
         weights[proj] = torch.stack(stacked)
     return weights

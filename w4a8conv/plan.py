@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from .constants import CONVERTED_TYPE, DOWN_BIAS_CHUNKS, INT4_PER_INT32, SOURCE_TYPE, QuantVersion, Variant
 from .errors import InvalidCheckpointError
 from .layout import MOE_OUTPUTS, linear_tensor_specs, moe_tensor_specs
-from .source.checkpoint import DEFAULT_GROUP_SIZE, SourceCheckpoint
+from .source.checkpoint import DEFAULT_GROUP_SIZE, MSMODELSLIM, SourceCheckpoint
+from .source.compressed_tensors import COMPRESSED_TENSORS
 from .source.safetensors_file import DTYPE_SIZES, TensorRef
-from .transforms import LINEAR_SPECS, MOE_SPECS
+from .transforms import LINEAR_SPECS, MOE_SPECS, TRANSLATIONS
 
 __all__ = [
-    "PROJECTION_NAMES", "MoeLayer", "LinearModule", "CopyBytes", "ExpertTensor", "LinearTensor",
+    "PROJECTION_NAMES", "MoeLayer", "LinearModule", "CopyBytes", "ExpertTensor", "LinearTensor", "TranslatedTensor",
     "OutputTensor", "Plan", "make_plan", "natural_key", "MOE_OUTPUTS",
 ]
 
@@ -25,9 +26,13 @@ __all__ = [
 PROJECTION_NAMES: tuple[tuple[str, str, str], ...] = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 _EXPERT_WEIGHT = re.compile(r"^(?P<layer>.+)\.experts\.(?P<expert>\d+)\.(?P<proj>[^.]+)\.weight$")
 _FLOAT_DTYPES = {"F32", "F16", "BF16"}
-_MOE_VARIANT = {
-    (QuantVersion.V0, True): Variant.MOE_GROUP_V0, (QuantVersion.V1, True): Variant.MOE_GROUP_V1,
-    (QuantVersion.V0, False): Variant.MOE_CHANNEL_V0, (QuantVersion.V1, False): Variant.MOE_CHANNEL_V1,
+_MOE_VARIANT = {  # (producer, version, per group) -> variant
+    (MSMODELSLIM, QuantVersion.V0, True): Variant.MOE_GROUP_V0,
+    (MSMODELSLIM, QuantVersion.V1, True): Variant.MOE_GROUP_V1,
+    (MSMODELSLIM, QuantVersion.V0, False): Variant.MOE_CHANNEL_V0,
+    (MSMODELSLIM, QuantVersion.V1, False): Variant.MOE_CHANNEL_V1,
+    (COMPRESSED_TENSORS, QuantVersion.V0, True): Variant.MOE_GROUP_CT,
+    (COMPRESSED_TENSORS, QuantVersion.V0, False): Variant.MOE_CHANNEL_CT,
 }
 _LINEAR_VARIANT = {QuantVersion.V0: Variant.LINEAR_GROUP_V0, QuantVersion.V1: Variant.LINEAR_GROUP_V1}
 
@@ -64,7 +69,9 @@ class MoeLayer:
         return (self.hidden, self.intermediate) if proj == self.projections[2] else (self.intermediate, self.hidden)
 
     def source_suffixes(self) -> tuple[str, ...]:
-        return _suffixes_with_offsets(MOE_SPECS[self.variant].outputs.values())
+        spec = MOE_SPECS[self.variant]
+        stored = {"weight", *spec.scales.shapes(1, self.group_size, self.group_size)}
+        return tuple(sorted(stored | {"scale_bias"} if spec.bias_in_checkpoint else stored))
 
 
 @dataclass(frozen=True)
@@ -111,7 +118,19 @@ class LinearTensor:
     model_dtype: str
 
 
-Recipe = CopyBytes | ExpertTensor | LinearTensor
+@dataclass(frozen=True)
+class TranslatedTensor:
+    """A tensor of a non-W4A8 module written in the format its description type is served with."""
+
+    module: str
+    translation: str  # a key of TRANSLATIONS, also the tensor's type in the output description
+    output: str       # a key of TRANSLATIONS[translation]
+
+    def source_name(self) -> str:
+        return f"{self.module}.{TRANSLATIONS[self.translation][self.output].needs}"
+
+
+Recipe = CopyBytes | ExpertTensor | LinearTensor | TranslatedTensor
 
 
 @dataclass(frozen=True)
@@ -143,7 +162,9 @@ class Plan:
         out = {k: v for k, v in self.source.description.items() if k not in self.consumed}
         # vllm-ascend resolves an MoE layer's scheme from the "<prefix>.experts..." keys.
         for t in self.tensors:
-            if not isinstance(t.recipe, CopyBytes):
+            if isinstance(t.recipe, TranslatedTensor):
+                out[t.name] = t.recipe.translation
+            elif not isinstance(t.recipe, CopyBytes):
                 out[t.name] = CONVERTED_TYPE
         return dict(sorted(out.items(), key=lambda kv: natural_key(kv[0])))
 
@@ -199,11 +220,12 @@ def _check_projection(check: _Checker, layer: MoeLayer, expert: int, proj: str) 
     spec = MOE_SPECS[layer.variant]
     check.expect(check.ref(name("weight"), module), {"I8"}, (_packed_rows(check.source.version, out), inp),
                  " (same as expert 0's)")
-    for suffix in ("weight_scale", "weight_offset"):
-        check.expect(check.ref(name(suffix), module), _FLOAT_DTYPES, (out, 1))
-    if spec.per_group:
-        for suffix in ("weight_scale_second", "weight_offset_second"):
-            check.group_columns(check.ref(name(suffix), module), out, inp, layer.group_size)
+    for suffix, shape in spec.scales.shapes(out, inp, layer.group_size).items():
+        ref = check.ref(name(suffix), module)
+        if suffix in ("weight_scale_second", "weight_offset_second"):
+            check.group_columns(ref, out, inp, layer.group_size)
+        else:
+            check.expect(ref, _FLOAT_DTYPES, shape)
     if spec.bias_in_checkpoint:
         columns = DOWN_BIAS_CHUNKS if proj == layer.projections[2] else 1
         check.expect(check.ref(name("scale_bias"), module), _FLOAT_DTYPES, (out, columns))
@@ -234,8 +256,8 @@ def _moe_layer(check: _Checker, prefix: str, experts: dict[int, set[str]]) -> Mo
                                      tensor=(gate_scale if not gate_scale.shape else down_scale).name)
     intermediate, hidden = gate_scale.shape[0], down_scale.shape[0]
     per_group = source.group_size != 0
-    layer = MoeLayer(prefix, _MOE_VARIANT[(source.version, per_group)], len(ids), projections, hidden,
-                     intermediate, source.group_size)
+    layer = MoeLayer(prefix, _MOE_VARIANT[(source.producer, source.version, per_group)], len(ids), projections,
+                     hidden, intermediate, source.group_size)
     for out in (intermediate, hidden):
         if out % INT4_PER_INT32:
             raise InvalidCheckpointError(f"output dimension {out} is not a multiple of {INT4_PER_INT32}, "
@@ -324,6 +346,12 @@ def make_plan(source: SourceCheckpoint) -> Plan:
     for module in linears:
         outputs += _linear_outputs(module, dtype_name)
         consumed.update(module.source_name(s) for s in module.source_suffixes())
+    for module, translation in sorted(source.translated.items()):
+        for output, spec in TRANSLATIONS[translation].items():
+            recipe = TranslatedTensor(module, translation, output)
+            outputs.append(OutputTensor(f"{module}.{output}", spec.dtype, source.tensors[recipe.source_name()].shape,
+                                        recipe))
+            consumed.add(recipe.source_name())
 
     for name, ref in source.tensors.items():
         if name in consumed:

@@ -12,11 +12,11 @@ import torch
 
 from .constants import DOWN_BIAS_CHUNKS
 from .errors import InvalidCheckpointError
-from .plan import CopyBytes, ExpertTensor, LinearTensor, OutputTensor, Plan
+from .plan import CopyBytes, ExpertTensor, LinearTensor, OutputTensor, Plan, TranslatedTensor
 from .source.checkpoint import MODEL_DTYPES
 from .source.reader import TensorReader
 from .source.safetensors_file import TORCH_DTYPES, TensorRef
-from .transforms import LINEAR_SPECS, MOE_SPECS
+from .transforms import LINEAR_SPECS, MOE_SPECS, TRANSLATIONS
 from .transforms.rules import (finite_violation, fp16_overflow_violation, int4_range_violation, scale_violation,
                                zero_violation)
 from .transforms.scales import fuse_group_scales_fp16, round_to_dtype
@@ -89,7 +89,14 @@ def _linear(tensor: OutputTensor, recipe: LinearTensor, reader: TensorReader,
     yield _as_bytes(piece, tensor, tensor.shape)
 
 
-_PRODUCERS = {CopyBytes: _copy, ExpertTensor: _expert, LinearTensor: _linear}
+def _translated(tensor: OutputTensor, recipe: TranslatedTensor, reader: TensorReader,
+                tensors: Mapping[str, TensorRef]) -> Iterator[memoryview]:
+    spec = TRANSLATIONS[recipe.translation][recipe.output]
+    parts = _load_parts(reader, tensors, {spec.needs: recipe.source_name()}, _SMALL_TENSOR_RULES)
+    yield _as_bytes(spec.make(parts), tensor, tensor.shape)
+
+
+_PRODUCERS = {CopyBytes: _copy, ExpertTensor: _expert, LinearTensor: _linear, TranslatedTensor: _translated}
 
 
 def source_names(tensor: OutputTensor) -> list[str]:
@@ -97,6 +104,8 @@ def source_names(tensor: OutputTensor) -> list[str]:
     recipe = tensor.recipe
     if isinstance(recipe, CopyBytes):
         return [recipe.ref.name]
+    if isinstance(recipe, TranslatedTensor):
+        return [recipe.source_name()]
     if isinstance(recipe, ExpertTensor):
         needs = MOE_SPECS[recipe.layer.variant].outputs[recipe.output].needs
         return [recipe.layer.source_name(recipe.expert, recipe.proj, s) for s in needs]
@@ -127,6 +136,10 @@ def check_small_tensors(plan: Plan, reader: TensorReader) -> None:
                     if problem:
                         ref = tensors[names["weight_scale_second"]]
                         raise InvalidCheckpointError(problem, file=ref.file, tensor=ref.name)
+    for tensor in plan.tensors:
+        if isinstance(tensor.recipe, TranslatedTensor):
+            name = tensor.recipe.source_name()
+            _load_parts(reader, tensors, {name.rpartition(".")[2]: name}, _SMALL_TENSOR_RULES)
     for module in plan.linears:
         names = {s: module.source_name(s) for s in module.source_suffixes() if s != "weight"}
         parts = _load_parts(reader, tensors, names, _SMALL_TENSOR_RULES)

@@ -7,7 +7,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .plan import CopyBytes, ExpertTensor, OutputTensor, Plan
+from .plan import CopyBytes, ExpertTensor, OutputTensor, Plan, TranslatedTensor
 from .produce import COPY_CHUNK_BYTES, source_names
 from .writer import ShardPlan
 
@@ -46,6 +46,8 @@ def _working_set(plan: Plan, tensor: OutputTensor) -> int:
     if isinstance(recipe, CopyBytes):
         return min(COPY_CHUNK_BYTES, tensor.nbytes)
     names = source_names(tensor)
+    if isinstance(recipe, TranslatedTensor):  # a scale-sized tensor and its source
+        return tensor.nbytes + sum(plan.source.tensors[n].nbytes for n in names)
     if isinstance(recipe, ExpertTensor):
         out, inp = recipe.layer.dims(recipe.proj)
     else:

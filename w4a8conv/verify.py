@@ -19,11 +19,11 @@ from .engine import sha256_file
 from .layout import expert_tensor_specs
 from .errors import InvalidCheckpointError, UsageError, W4A8Error
 from .numerics import LayerNumerics, check_numerics, open_matching_source
-from .plan import CopyBytes, make_plan
+from .plan import CopyBytes, TranslatedTensor, make_plan
 from .runtime import NpuReadyCheckpoint
 from .source import SourceCheckpoint, TensorReader
 from .source.safetensors_file import TensorRef, read_header
-from .transforms import LINEAR_SPECS, MOE_SPECS
+from .transforms import LINEAR_SPECS, MOE_SPECS, TRANSLATIONS
 from .transforms.int4 import unpack_int32_to_int4
 from .transforms.scales import decode_int64_to_fp32, high_words_are_zero, round_to_dtype
 
@@ -134,8 +134,8 @@ class _Fidelity:
         self.report.problems.append(f"{tensor}: {rule}")
 
     def projection(self, name: str, values: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor | None,
-                   packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, checkpoint_bias: torch.Tensor | None,
-                   chunks: int) -> None:
+                   fp16_fused: bool, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                   checkpoint_bias: torch.Tensor | None, chunks: int) -> None:
         """Compare one decoded projection (kernel orientation) with its source values."""
         self.report.tensors_compared += 1
         unpacked = unpack_int32_to_int4(packed)
@@ -146,10 +146,10 @@ class _Fidelity:
             self.fail(name, "an int64 scale has a non-zero high word")
         decoded = decode_int64_to_fp32(scale)
         exact = (s1.float().reshape(1, -1) * s2.float().t() if s2 is not None else s1.float().reshape(1, -1))
-        expected = exact.half().float() if s2 is not None else exact
+        expected = exact.half().float() if fp16_fused else exact
         if not torch.equal(decoded, expected):
             self.fail(name, "decoded scales differ from the source's " +
-                      ("fp16-rounded scale x scale_second" if s2 is not None else "weight_scale"))
+                      ("fp16-rounded scale x scale_second" if fp16_fused else "weight_scale"))
         self.report.note_error("scale", _relative(decoded, exact))
         reference = checkpoint_bias.double() if checkpoint_bias is not None else _expected_bias(values, s1, s2, chunks)
         error = _relative(bias.reshape(reference.shape), reference)
@@ -185,12 +185,12 @@ def _check_fidelity(ckpt: NpuReadyCheckpoint, src: SourceCheckpoint, stored: dic
                     if None in outs.values():
                         report.problems.append(f"{layer.prefix}.experts.{e}.{proj}: converted tensors missing")
                         continue
-                    get = lambda s: check.src(layer.source_name(e, proj, s))  # noqa: E731
+                    parts = {s: check.src(layer.source_name(e, proj, s)) for s in layer.source_suffixes()}
                     check.projection(
-                        f"{layer.source_name(e, proj, '*')}", spec.int4_values(get("weight")), get("weight_scale"),
-                        get("weight_scale_second") if spec.per_group else None,
+                        f"{layer.source_name(e, proj, '*')}", spec.int4_values(parts["weight"]),
+                        *spec.scales.factors(parts), spec.scales.fp16_fused,
                         *(reader.load(outs[o]) for o in outs),
-                        get("scale_bias") if spec.bias_in_checkpoint else None,
+                        parts.get("scale_bias"),
                         DOWN_BIAS_CHUNKS if is_down else 1)
         for module in plan.linears:
             spec = LINEAR_SPECS[module.variant]
@@ -211,6 +211,16 @@ def _check_fidelity(ckpt: NpuReadyCheckpoint, src: SourceCheckpoint, stored: dic
             if not torch.equal(antiquant, expected):
                 check.fail(names["weight_scale_second"], f"differs from the {dtype}-rounded scale product")
             report.note_error("scale", _relative(antiquant, exact))
+        for tensor in (t for t in plan.tensors if isinstance(t.recipe, TranslatedTensor)):
+            report.tensors_compared += 1
+            ref = stored.get(tensor.name)
+            translation = TRANSLATIONS[tensor.recipe.translation][tensor.recipe.output]
+            source_value = check.src(tensor.recipe.source_name())
+            if ref is None or ref.dtype != tensor.dtype or ref.shape != tensor.shape:
+                report.problems.append(f"{tensor.name}: translated tensor missing or reshaped")
+            elif not torch.equal(reader.load(ref), translation.make({translation.needs: source_value})):
+                report.problems.append(f"{tensor.name}: differs from its {tensor.recipe.translation} translation of "
+                                       f"{tensor.recipe.source_name()}")
         passthrough = [t for t in plan.tensors if isinstance(t.recipe, CopyBytes)]
         if sample is not None:
             passthrough = rng.sample(passthrough, min(len(passthrough), 4 * max(sample, 1)))

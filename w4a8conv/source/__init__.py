@@ -1,6 +1,26 @@
-"""Source reading: directory, description, index and safetensors headers -> {name: TensorRef}."""
-from .checkpoint import SourceCheckpoint, open_source
+"""Source reading: directory, description, index and safetensors headers -> {name: TensorRef}.
+
+Two producers: msModelSlim (`checkpoint.py`, a quant_model_description*.json) and llm-compressor
+(`compressed_tensors.py`, config.json's compressed-tensors quantization_config).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .checkpoint import SourceCheckpoint
+from .checkpoint import open_source as open_msmodelslim
+from .compressed_tensors import is_compressed_tensors, open_compressed_tensors
 from .reader import TensorReader
 from .safetensors_file import TensorRef, read_header
 
 __all__ = ["SourceCheckpoint", "open_source", "TensorRef", "TensorReader", "read_header"]
+
+# (does this directory hold the producer's checkpoint?, its reader); msModelSlim is the fallback,
+# so its error messages are the ones a directory of neither kind gets.
+_READERS = ((is_compressed_tensors, open_compressed_tensors),)
+
+
+def open_source(root: Path | str, *, model_dtype: str | None = None) -> SourceCheckpoint:
+    """Validate a source directory of either producer; read no tensor data."""
+    reader = next((read for detect, read in _READERS if detect(root)), open_msmodelslim)
+    return reader(root, model_dtype=model_dtype)

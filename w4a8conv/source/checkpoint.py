@@ -18,7 +18,10 @@ from ..constants import QuantVersion
 from ..errors import InvalidCheckpointError
 from .safetensors_file import SafetensorsHeader, TensorRef, read_header
 
-__all__ = ["SourceCheckpoint", "open_source", "read_json", "MODEL_DTYPES", "DEFAULT_GROUP_SIZE"]
+__all__ = ["SourceCheckpoint", "open_source", "read_json", "read_weight_files", "model_dtype_of", "MODEL_DTYPES",
+           "DEFAULT_GROUP_SIZE", "MSMODELSLIM"]
+
+MSMODELSLIM = "msmodelslim"
 
 DEFAULT_GROUP_SIZE = 256  # vllm-ascend's default when the description has no group_size
 MODEL_DTYPES: dict[str, torch.dtype] = {
@@ -54,6 +57,12 @@ class SourceCheckpoint:
     index_file: Path | None
     headers: tuple[SafetensorsHeader, ...]
     tensors: dict[str, TensorRef] = field(repr=False)
+    producer: str = MSMODELSLIM
+    # Modules whose source format the output re-expresses for the description's type (prefix -> translation).
+    translated: dict[str, str] = field(default_factory=dict)
+    # JSON files written with new content instead of copied (name -> object): config.json without the
+    # quantization_config that would make vLLM pick another quantization method for the output.
+    rewritten_json: dict[str, dict] = field(default_factory=dict, repr=False)
 
     def type_of(self, name: str) -> str:
         return self.description[name]
@@ -120,7 +129,8 @@ def _parse_group_size(description: dict, file: Path) -> int:
     return raw
 
 
-def _model_dtype(root: Path, override: str | None) -> torch.dtype | None:
+def model_dtype_of(root: Path, override: str | None) -> torch.dtype | None:
+    """`override`, else config.json's torch_dtype (or dtype), else None."""
     if override is not None:
         if override not in MODEL_DTYPES:
             raise InvalidCheckpointError(f"model dtype {override!r} is not one of {', '.join(MODEL_DTYPES)}")
@@ -170,19 +180,8 @@ def _indexed_files(root: Path, index_file: Path) -> tuple[list[Path], dict[str, 
     return [root / n for n in names], weight_map
 
 
-def open_source(root: Path | str, *, model_dtype: str | None = None) -> SourceCheckpoint:
-    """Validate a source directory's description, index and headers; read no tensor data."""
-    root = Path(root)
-    if not root.is_dir():
-        raise InvalidCheckpointError("not a directory", file=root)
-    description_file = _find_description(root)
-    _check_inside(root, description_file)
-    description_bytes, description = read_json(description_file)
-    if not isinstance(description, dict):
-        raise InvalidCheckpointError("description is not a JSON object", file=description_file)
-    version = _parse_version(description, description_file)
-    group_size = _parse_group_size(description, description_file)
-
+def read_weight_files(root: Path) -> tuple[Path | None, tuple[SafetensorsHeader, ...], dict[str, TensorRef]]:
+    """The index (if any), every weight file's header and the tensors by name, checked against each other."""
     indexes = sorted(root.glob("*.safetensors.index.json"))
     if len(indexes) > 1:
         raise InvalidCheckpointError(f"several indexes ({', '.join(p.name for p in indexes)})", file=root)
@@ -217,6 +216,23 @@ def open_source(root: Path | str, *, model_dtype: str | None = None) -> SourceCh
             if name not in tensors:
                 raise InvalidCheckpointError(f"indexed in {file_name!r} but that file does not hold it",
                                              file=index_file, tensor=name)
+    return index_file, headers, tensors
+
+
+def open_source(root: Path | str, *, model_dtype: str | None = None) -> SourceCheckpoint:
+    """Validate a source directory's description, index and headers; read no tensor data."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InvalidCheckpointError("not a directory", file=root)
+    description_file = _find_description(root)
+    _check_inside(root, description_file)
+    description_bytes, description = read_json(description_file)
+    if not isinstance(description, dict):
+        raise InvalidCheckpointError("description is not a JSON object", file=description_file)
+    version = _parse_version(description, description_file)
+    group_size = _parse_group_size(description, description_file)
+
+    index_file, headers, tensors = read_weight_files(root)
     for name in tensors:
         kind = description.get(name)
         if not isinstance(kind, str):
@@ -225,7 +241,7 @@ def open_source(root: Path | str, *, model_dtype: str | None = None) -> SourceCh
     checkpoint = SourceCheckpoint(
         root=root, description_file=description_file, description_bytes=description_bytes,
         description=description, version=version, group_size=group_size,
-        group_size_given="group_size" in description, model_dtype=_model_dtype(root, model_dtype),
+        group_size_given="group_size" in description, model_dtype=model_dtype_of(root, model_dtype),
         index_file=index_file, headers=headers, tensors=tensors)
     checkpoint.non_weight_files()  # refuses links that leave the directory before anything is copied
     return checkpoint
