@@ -221,6 +221,10 @@ def open_compressed_tensors(root: Path | str, *, model_dtype: str | None = None)
     index_file, headers, tensors = read_weight_files(root)
 
     modules = sorted(n[: -len(".weight_scale")] for n in tensors if n.endswith(".weight_scale"))
+    for name, ref in tensors.items():
+        if name.endswith(".weight") and ref.dtype == "I8" and f"{name}_scale" not in tensors:
+            raise InvalidCheckpointError("int8 weight without a weight_scale: a quantized module needs its scale",
+                                         file=ref.file, tensor=f"{name}_scale")
     module_type: dict[str, str] = {}
     for module in modules:
         if any(_matches(module, i) for i in ignore):
