@@ -71,7 +71,7 @@ class MoeLayer:
     def source_suffixes(self) -> tuple[str, ...]:
         spec = MOE_SPECS[self.variant]
         stored = {"weight", *spec.scales.shapes(1, self.group_size, self.group_size)}
-        return tuple(sorted(stored | {"scale_bias"} if spec.bias_in_checkpoint else stored))
+        return tuple(sorted((stored | {"scale_bias"}) if spec.bias_in_checkpoint else stored))
 
 
 @dataclass(frozen=True)
