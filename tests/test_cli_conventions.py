@@ -6,8 +6,10 @@ Subprocess runs pay ~3 s each for importing torch, so they run concurrently once
 """
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from robustness_support import REPO, Run, assert_clean_failure, run_main
+from robustness_support import MOE, REPO, WEIGHTS, Run, assert_clean_failure, rewrite_tensors, run_main
 from w4a8conv import __version__
 from w4a8conv.constants import ExitCode
 
@@ -79,7 +81,7 @@ def test_switches_are_shown_without_a_value_type(runs):
         (line,) = [text for text in help_text.splitlines() if f"{switch} " in text]
         assert "<" not in line, line
     (line,) = [text for text in help_text.splitlines() if "--max-shard-size " in text]
-    assert "<str>" in line, line  # an option that takes a value still says so
+    assert "SIZE" in line, line  # an option that takes a value still says so
 
 
 @pytest.mark.parametrize("name, pieces", [
@@ -158,3 +160,127 @@ def test_interrupt_message_fits_the_command(converted, tmp_path, monkeypatch, co
     assert line.endswith(note), line
     if command != "convert":
         assert "--resume" not in stopped.stderr
+
+
+def _one_json_object(text: str) -> dict:
+    return json.loads(text)  # raises on anything but exactly one JSON document
+
+
+def test_json_failure_is_one_object_naming_file_and_tensor(preset_source, tmp_path):
+    source = shutil.copytree(preset_source("moe-channel-v0"), tmp_path / "src")
+    tensor = f"{MOE}.experts.3.down_proj.weight"
+
+    def nine(tensors):
+        tensors[tensor][5, 7] = 9
+    rewrite_tensors(source / WEIGHTS, nine)
+    failed = run_main("convert", source, tmp_path / "out", "--json")
+    line = assert_clean_failure(failed, ExitCode.INVALID_INPUT, [tensor])
+    report = _one_json_object(failed.stdout)
+    assert report == {"ok": False, "exit_code": 3, "error": "InvalidCheckpointError",
+                      "message": line.removeprefix("error: "), "file": str(source / WEIGHTS), "tensor": tensor}
+
+
+def test_json_usage_failure_is_one_object(preset_source, tmp_path):
+    failed = run_main("convert", preset_source("moe-group-v1"), tmp_path / "out", "--max-shard-size", "4X",
+                      "--json")
+    assert failed.returncode == ExitCode.USAGE, failed.describe()
+    report = _one_json_object(failed.stdout)
+    assert (report["ok"], report["exit_code"], report["error"]) == (False, 2, "UsageError")
+    assert "'4X' is not a size" in report["message"]
+    assert (report["file"], report["tensor"]) == (None, None)
+    missing = run_main("inspect", "--json")
+    assert _one_json_object(missing.stdout)["message"].startswith("w4a8conv inspect: Missing argument")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("4GB", 4 * 10**9), ("4gb", 4 * 10**9), ("4 GB", 4 * 10**9), ("1.5GB", 1_500_000_000),
+    ("4GiB", 4 * 2**30), ("4G", 4 * 2**30), ("4g", 4 * 2**30), (".5G", 2**29), ("500MiB", 500 * 2**20),
+    ("500M", 500 * 2**20), ("500MB", 500 * 10**6), ("64K", 64 * 2**10), ("64KB", 64_000), ("1TB", 10**12),
+    ("1T", 2**40), ("1000000", 1_000_000), ("1000000B", 1_000_000),
+])
+def test_shard_sizes_read_as_documented(text, expected):
+    from w4a8conv.cli import parse_size
+
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["4X", "4GBs", "inf", "nan", "-1G", "0", "0.1", "1e9", "\uff14GB", "", "G", "9" * 400])
+def test_bad_shard_sizes_are_usage_errors(preset_source, tmp_path, text):
+    failed = run_main("inspect", preset_source("moe-group-v1"), "--plan", "--max-shard-size", text)
+    assert_clean_failure(failed, ExitCode.USAGE, ["--max-shard-size"])
+
+
+def test_shard_size_units_change_the_plan(preset_source):
+    source = preset_source("moe-group-v1")
+    plans = {}
+    for text in ("1MB", "1MiB", "1M"):
+        done = run_main("inspect", source, "--plan", "--max-shard-size", text, "--json")
+        assert done.returncode == 0, done.describe()
+        plans[text] = json.loads(done.stdout)["plan"]["shards"]
+    assert plans["1MiB"] == plans["1M"] != plans["1MB"]
+    assert max(s["bytes"] for s in plans["1MB"]) <= 10**6 < max(s["bytes"] for s in plans["1M"]) <= 2**20
+
+
+@pytest.mark.parametrize("alias, name", [("bf16", "bfloat16"), ("BF16", "bfloat16"), ("fp16", "float16"),
+                                         ("half", "float16"), ("fp32", "float32"), ("float32", "float32")])
+def test_model_dtype_aliases(preset_source, alias, name):
+    done = run_main("inspect", preset_source("moe-group-v1"), "--model-dtype", alias, "--json")
+    assert done.returncode == 0, done.describe()
+    assert json.loads(done.stdout)["model_dtype"] == name
+
+
+def test_bad_model_dtype_is_a_usage_error(preset_source, tmp_path):
+    for args in (["inspect", preset_source("moe-group-v1")], ["convert", preset_source("moe-group-v1"), tmp_path / "o"]):
+        failed = run_main(*args, "--model-dtype", "bf17")
+        assert_clean_failure(failed, ExitCode.USAGE, ["--model-dtype", "'bf17' is not one of bfloat16"])
+    assert not (tmp_path / "o").exists()
+
+
+def test_python_api_refuses_a_bad_model_dtype_as_usage(preset_source, tmp_path):
+    from w4a8conv.api import ConvertOptions, convert
+    from w4a8conv.errors import UsageError
+
+    with pytest.raises(UsageError, match="'int8' is not one of"):
+        convert(preset_source("moe-group-v1"), tmp_path / "o", options=ConvertOptions(model_dtype="int8"))
+
+
+def test_inspect_converted_refuses_source_only_options(converted):
+    _source, output = converted("moe-group-v1")
+    for option in (["--plan"], ["--model-dtype", "bf16"]):
+        failed = run_main("inspect", output, *option)
+        assert_clean_failure(failed, ExitCode.USAGE, [str(output), "is already converted", option[0],
+                                                      "applies to a source checkpoint"])
+
+
+def test_convert_shows_each_phase_before_progress_and_wall_time(preset_source, tmp_path):
+    source = preset_source("moe-group-v1")
+    done = run_main("convert", source, tmp_path / "out")
+    assert done.returncode == 0, done.describe()
+    lines = done.stderr.splitlines()
+    from w4a8conv.source import open_source
+
+    opened = open_source(source)
+    expected = [f"reading {source}", f"validating {len(opened.tensors):,} tensors in {len(opened.headers)} file(s)"]
+    assert lines[:2] == expected, done.stderr
+    assert re.fullmatch(r"writing \d+ shard\(s\), \S+ \S+, with \d+ worker\(s\)", lines[2]), lines[2]
+    assert lines[3].startswith("progress: ")
+    assert re.search(r" in \d+\.\d s \(\d+\.\d s since start\) with ", done.stdout), done.stdout
+    as_json = run_main("convert", source, tmp_path / "json", "--json")
+    summary = json.loads(as_json.stdout)
+    assert summary["wall_seconds"] >= summary["seconds"] > 0
+    assert as_json.stderr == ""  # --json: no phases, no progress
+
+
+def test_selfcheck_require_npu_fails_when_device_checks_are_skipped():
+    from w4a8conv.selfcheck import run_selfcheck
+
+    if run_selfcheck().skipped == 0:
+        pytest.skip("an NPU is present: nothing is skipped")
+    plain = run_main("selfcheck")
+    assert plain.returncode == 0, plain.describe()
+    required = run_main("selfcheck", "--require-npu")
+    assert required.returncode == ExitCode.VERIFY_FAILED, required.describe()
+    assert "device check(s) skipped and --require-npu was given" in required.stderr
+    assert required.stdout.splitlines()[-1].startswith("FAILED (")
+    as_json = json.loads(run_main("selfcheck", "--require-npu", "--json").stdout)
+    assert (as_json["ok"], as_json["require_device"]) == (False, True) and as_json["skipped"] > 0

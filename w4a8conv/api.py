@@ -14,7 +14,8 @@ from . import __version__
 from .constants import (CONVERTED_TYPE, DESCRIPTION_NAME, INDEX_NAME, LAYOUT_NAME, LAYOUT_VERSION, STAMP_KEY,
                         TARGET_VLLM_ASCEND, Variant)
 from .engine import JOURNAL_NAME, Journal, plan_fingerprint, run_shards, source_files_identity
-from .errors import InvalidCheckpointError, OutputLocationError, WriteError
+from .errors import InvalidCheckpointError, OutputLocationError, UsageError, WriteError
+from .output import human_bytes
 from .plan import CopyBytes, LinearModule, MoeLayer, Plan, make_plan
 from .produce import check_small_tensors
 from .resources import ResourcePlan, estimate_resources, free_disk_bytes
@@ -143,14 +144,16 @@ def _peak_rss_bytes() -> int:
 
 
 def convert(source: Path | str, output: Path | str, *, options: ConvertOptions | None = None,
-            on_progress: Callable[[int, int], None] | None = None) -> ConvertReport:
+            on_progress: Callable[[int, int], None] | None = None,
+            on_phase: Callable[[str], None] | None = None) -> ConvertReport:
     """Convert an msModelSlim W4A8_DYNAMIC checkpoint into NPU-ready shards.
 
     The whole source is validated (structure from headers; scales, offsets and biases from data)
     before the first byte is written; version "0" weights are range-checked as they are packed.
     Shards are written under temporary names and renamed when complete; the index, then the stamped
     description, come last, so a directory without the description is visibly incomplete.
-    `on_progress(new_bytes, total_bytes)` is called as output tensor bytes are written.
+    `on_progress(new_bytes, total_bytes)` is called as output tensor bytes are written, `on_phase(text)`
+    as each step starts ("validating 1,234 tensors in 12 files").
 
     Example:
         >>> convert("qwen3-w4a8", "qwen3-npu").tensors_written  # doctest: +SKIP
@@ -158,7 +161,9 @@ def convert(source: Path | str, output: Path | str, *, options: ConvertOptions |
     options = options or ConvertOptions()
     started = time.monotonic()
     source_root, output = Path(source), Path(output)
+    phase = on_phase or (lambda _text: None)
     src = open_source(source_root, model_dtype=options.model_dtype)
+    phase(f"validating {len(src.tensors):,} tensors in {len(src.headers):,} file(s)")
     plan = make_plan(src)
     copied = src.non_weight_files()
     _prepare_output(source_root, output, {p.name for p in copied} | set(src.rewritten_json), options)
@@ -202,6 +207,8 @@ def convert(source: Path | str, output: Path | str, *, options: ConvertOptions |
     else:
         journal = Journal.start(output, fingerprint, files, plan_fp)
     total = resources.write_bytes
+    phase(f"writing {len(shards):,} shard(s), {human_bytes(total)}, with {resources.workers} worker(s)"
+          + (f" ({len(journal.done):,} finished before: re-hashed and kept)" if journal.done else ""))
     try:
         written = run_shards(output, shards, metadata, src.tensors, journal, options.workers,
                              (lambda n: on_progress(n, total)) if on_progress else (lambda _n: None))
@@ -301,6 +308,13 @@ def _inspect_converted(path: Path) -> dict:
 def inspect(path: Path | str, *, model_dtype: str | None = None, plan_for: tuple[int, int] | None = None) -> dict:
     """Describe a source checkpoint (after validating its structure) or a converted directory.
 
-    `plan_for=(max_shard_bytes, workers)` adds the conversion plan (shards, bytes, memory, disk)."""
+    `plan_for=(max_shard_bytes, workers)` adds the conversion plan (shards, bytes, memory, disk); it and
+    `model_dtype` are refused (`UsageError`) for a converted directory."""
     path = Path(path)
-    return _inspect_converted(path) if _is_converted(path) else _inspect_source(path, model_dtype, plan_for)
+    if not _is_converted(path):
+        return _inspect_source(path, model_dtype, plan_for)
+    if plan_for is not None or model_dtype is not None:
+        option = "--plan" if plan_for is not None else "--model-dtype"
+        raise UsageError(f"{path}: is already converted; {option} applies to a source checkpoint (inspect the "
+                         "directory it was converted from)")
+    return _inspect_converted(path)

@@ -1,9 +1,12 @@
 """Command line: parse, call `api`, print through `output.sink`. Only `main` turns errors into exit codes."""
 from __future__ import annotations
 
+import math
 import os
+import re
 import signal
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +24,7 @@ try:  # newer typer releases ship their own copy of click
 except ImportError:
     from click import exceptions as _click_exceptions
 
-__all__ = ["app", "main"]
+__all__ = ["app", "main", "parse_size", "SIZE_UNITS"]
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]},
@@ -40,9 +43,23 @@ QuietOpt = Annotated[bool, _flag("-q", "--quiet", help="Print only results, warn
                                                        "no progress).")]
 VerboseOpt = Annotated[bool, _flag("-v", "--verbose", help="Also print detail lines, and a traceback on an "
                                                            "internal error.")]
+def _model_dtype(value: Optional[str]) -> Optional[str]:
+    from .source.checkpoint import MODEL_DTYPE_ALIASES, MODEL_DTYPES, canonical_model_dtype
+
+    if value is None:
+        return None
+    name = canonical_model_dtype(value)
+    if name is None:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join([*MODEL_DTYPES, *MODEL_DTYPE_ALIASES])}")
+    return name
+
+
 DtypeOpt = Annotated[Optional[str], typer.Option(
-    "--model-dtype", help="Model dtype (bfloat16, float16, float32); default: config.json's torch_dtype.")]
+    "--model-dtype", callback=_model_dtype, metavar="DTYPE",
+    help="Model dtype: bfloat16 (bf16), float16 (fp16, half) or float32 (fp32, float); "
+         "default: config.json's torch_dtype.")]
 WorkersDefault = os.cpu_count() or 1
+_IMPORTED = time.monotonic()
 
 # What an interrupted command leaves behind, by what it does.
 INTERRUPT_NOTES = {
@@ -58,6 +75,10 @@ class _Running:
 
     command: str = "w4a8conv"
     interrupt_note: str = INTERRUPT_NOTES["read-only"]
+    as_json: bool = False
+
+    def reset(self, *, as_json: bool) -> None:
+        self.command, self.interrupt_note, self.as_json = "w4a8conv", INTERRUPT_NOTES["read-only"], as_json
 
 
 _running = _Running()
@@ -66,9 +87,21 @@ _running = _Running()
 def _begin(command: str, effect: str, *, quiet: bool, verbose: bool, as_json: bool) -> None:
     """Configure the sink for one command and remember what an interrupt would leave behind."""
     _running.command, _running.interrupt_note = f"w4a8conv {command}", INTERRUPT_NOTES[effect]
+    _running.as_json = as_json
     if quiet and verbose:
         raise typer.BadParameter("--quiet and --verbose exclude each other", param_hint="-q/-v")
     sink.configure(quiet=quiet, verbose=verbose, as_json=as_json)
+
+
+def seconds_since_process_start() -> float:
+    """Wall time since this process started (interpreter and imports included), from /proc on Linux;
+    elsewhere since the CLI module was imported."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _IMPORTED
 
 
 def _print_version(value: bool) -> None:
@@ -85,18 +118,32 @@ def _root(
     """Convert msModelSlim W4A8_DYNAMIC checkpoints into vllm-ascend's NPU-ready layout."""
 
 
-def _parse_size(text: str) -> int:
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    number = text.strip().upper().rstrip()
-    digits = number.rstrip("KMGTIB")
-    try:
-        value = float(digits) * units[number[len(digits):]]
-    except (ValueError, KeyError):
-        raise typer.BadParameter(f"{text!r} is not a size like 4GB, 500MiB or 1000000") from None
+# --max-shard-size units, case-insensitive: KB/MB/GB/TB are powers of 10 (as huggingface_hub's
+# max_shard_size="5GB"), KiB/MiB/GiB/TiB powers of 2, and the bare K/M/G/T powers of 2 as well (as
+# `split -b 4G` and `truncate -s 4G` read them).
+SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*")
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size like 4GB (4·10^9), 4GiB or 4G (4·2^30), 500MiB or 1000000."""
+    match = _SIZE.fullmatch(text)
+    unit = SIZE_UNITS.get(match.group(2).lower()) if match else None
+    if unit is None:
+        raise typer.BadParameter(f"{text!r} is not a size like 4GB (10^9 bytes), 4GiB or 4G (2^30), "
+                                 "500MiB or 1000000")
+    value = float(match.group(1)) * unit
+    if not math.isfinite(value):  # 400 digits
+        raise typer.BadParameter(f"{text!r} is not a finite size")
     if value < 1:
-        raise typer.BadParameter("the shard size must be positive")
+        raise typer.BadParameter("the shard size must be at least 1 byte")
     return int(value)
+
+
+SizeOpt = Annotated[int, typer.Option("--max-shard-size", parser=parse_size, metavar="SIZE", show_default="4GB",
+                                      help="Largest output shard: 4GB = 4·10^9 bytes; 4GiB = 4G = 4·2^30 bytes; "
+                                           "also KB, MB, TB, MiB, M and plain bytes.")]
 
 
 def _plan_rows(plan: dict) -> list[tuple[str, str]]:
@@ -116,7 +163,7 @@ def _plan_rows(plan: dict) -> list[tuple[str, str]]:
 def convert(
     source: SrcArg,
     output: Annotated[Path, typer.Argument(help="New or empty output directory.", show_default=False)],
-    max_shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 4GB or 500MiB.")] = "4GB",
+    max_shard_size: SizeOpt = "4GB",
     workers: Annotated[int, typer.Option(min=1, show_default="CPU cores",
                                          help="Shards converted in parallel processes.")] = WorkersDefault,
     resume: Annotated[bool, _flag("--resume", help="Finish an interrupted conversion in OUTPUT.")] = False,
@@ -129,15 +176,16 @@ def convert(
 ) -> None:
     """Write an NPU-ready checkpoint: packed int4 weights, int64 scales, MSD biases."""
     _begin("convert", "dry-run" if dry_run else "convert", quiet=quiet, verbose=verbose, as_json=as_json)
+    sink.phase(f"reading {source}")
     from .api import ConvertOptions, convert as run
 
     if resume and force:
         raise typer.BadParameter("--resume and --force exclude each other", param_hint="--resume/--force")
-    options = ConvertOptions(max_shard_bytes=_parse_size(max_shard_size), model_dtype=model_dtype, workers=workers,
+    options = ConvertOptions(max_shard_bytes=max_shard_size, model_dtype=model_dtype, workers=workers,
                              resume=resume, force=force, dry_run=dry_run)
     with sink.progress("converting") as progress:
-        report = run(source, output, options=options, on_progress=progress)
-    summary = report.summary()
+        report = run(source, output, options=options, on_progress=progress, on_phase=sink.phase)
+    summary = {**report.summary(), "wall_seconds": round(seconds_since_process_start(), 3)}
     if as_json:
         sink.data(summary)
         return
@@ -148,7 +196,8 @@ def convert(
         sink.result(f"converted {summary['modules_converted']} W4A8 modules, passed "
                     f"{summary['tensors_passed_through']} tensors through: {summary['tensors']} tensors in "
                     f"{summary['shards']} shard(s), {_human(summary['source_bytes'])} -> "
-                    f"{_human(summary['output_bytes'])} in {summary['seconds']:.1f} s with {summary['workers']} "
+                    f"{_human(summary['output_bytes'])} in {summary['seconds']:.1f} s ({summary['wall_seconds']:.1f} s "
+                    f"since start) with {summary['workers']} "
                     f"worker(s), peak RSS {_human(summary['peak_rss_bytes'])} -> {summary['output']}")
     for note in summary["warnings"]:
         sink.warning(note)
@@ -159,7 +208,7 @@ def inspect(
     path: Annotated[Path, typer.Argument(
         help="An msModelSlim source directory (validated) or a directory w4a8conv converted.", show_default=False)],
     plan: Annotated[bool, _flag("--plan", help="Also print the conversion plan of a source.")] = False,
-    max_shard_size: Annotated[str, typer.Option(help="Shard size the plan assumes.")] = "4GB",
+    max_shard_size: SizeOpt = "4GB",
     workers: Annotated[int, typer.Option(min=1, show_default="CPU cores",
                                          help="Workers the plan assumes.")] = WorkersDefault,
     model_dtype: DtypeOpt = None,
@@ -171,7 +220,7 @@ def inspect(
     _begin("inspect", "read-only", quiet=quiet, verbose=verbose, as_json=as_json)
     from .api import inspect as run
 
-    info = run(path, model_dtype=model_dtype, plan_for=(_parse_size(max_shard_size), workers) if plan else None)
+    info = run(path, model_dtype=model_dtype, plan_for=(max_shard_size, workers) if plan else None)
     if as_json:
         sink.data(info)
         return
@@ -255,21 +304,28 @@ def verify(
 
 
 @app.command()
-def selfcheck(as_json: JsonOpt = False, quiet: QuietOpt = False, verbose: VerboseOpt = False) -> None:
+def selfcheck(
+    require_npu: Annotated[bool, _flag("--require-npu", help="Fail (exit 5) when a device check is skipped "
+                                                             "(no torch_npu or no NPU): for a CI gate.")] = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
     """Compare torch_npu's int4 packing and A8W4 kernels with the CPU code (skipped without torch_npu);
-    exit 5 when a check fails."""
+    exit 5 when a check fails (or, with --require-npu, is skipped)."""
     _begin("selfcheck", "read-only", quiet=quiet, verbose=verbose, as_json=as_json)
     from .selfcheck import run_selfcheck
 
-    report = run_selfcheck()
+    report = run_selfcheck(require_device=require_npu)
     if as_json:
         sink.data(report.summary())
     else:
         for item in report.items:
             sink.result(f"{item.status:7} {item.name}: {item.checks}")
             sink.result(f"        {item.detail}")
-        skipped = sum(item.status == "skipped" for item in report.items)
-        sink.result(("ok" if report.ok else "FAILED") + (f" ({skipped} skipped)" if skipped else ""))
+        sink.result(("ok" if report.ok else "FAILED") + (f" ({report.skipped} skipped)" if report.skipped else ""))
+    if require_npu and report.skipped:
+        sink.problem(f"{report.skipped} device check(s) skipped and --require-npu was given")
     if not report.ok:
         raise typer.Exit(int(ExitCode.VERIFY_FAILED))
 
@@ -299,34 +355,43 @@ def _usage_error_line(exc: _click_exceptions.UsageError) -> str:
     return f"{command}: {exc.format_message()} (see {command} -h)"
 
 
+def _failure(code: int, error: str, message: str, exc: BaseException | None = None) -> int:
+    """Report a failure: one `error:` line on stderr and, under --json, one JSON object on stdout."""
+    sink.error(message)
+    if _running.as_json:
+        file = getattr(exc, "file", None)
+        sink.data({"ok": False, "exit_code": code, "error": error, "message": message,
+                   "file": str(file) if file is not None else None, "tensor": getattr(exc, "tensor", None)})
+    return code
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: usage errors exit 2 and w4a8conv errors their own code, each as one
-    `error:` line on stderr; an unexpected exception exits 1 (its traceback with --verbose)."""
+    `error:` line on stderr (and one JSON object on stdout under --json); an unexpected exception
+    exits 1 (its traceback with --verbose)."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _raise_interrupted)
+    args = sys.argv[1:] if argv is None else list(argv)
     sink.configure()
-    _running.__init__()
+    _running.reset(as_json="--json" in args)  # also for a usage error found before the command starts
     command = typer.main.get_command(app)
     try:
-        code = command.main(args=argv, prog_name="w4a8conv", standalone_mode=False)
+        code = command.main(args=args, prog_name="w4a8conv", standalone_mode=False)
     except _click_exceptions.NoArgsIsHelpError as exc:
         sink.result(exc.format_message())  # typer's rich help may already be printed (then this is empty)
         code = int(ExitCode.USAGE)
     except _click_exceptions.UsageError as exc:
-        sink.error(_usage_error_line(exc))
-        code = int(ExitCode.USAGE)
+        code = _failure(int(ExitCode.USAGE), "UsageError", _usage_error_line(exc))
     except W4A8Error as exc:
-        sink.error(str(exc))
-        code = int(exc.exit_code)
+        code = _failure(int(exc.exit_code), type(exc).__name__, str(exc), exc)
     except Interrupted as exc:
-        sink.error(f"interrupted by {exc}; {_running.interrupt_note}")
-        code = 128 + exc.signum
+        code = _failure(128 + exc.signum, "Interrupted", f"interrupted by {exc}; {_running.interrupt_note}")
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, exit 1
         if sink.verbosity >= sink.verbosity.VERBOSE:
             traceback.print_exc()
-        sink.error(f"internal error: {type(exc).__name__}: {exc} (a bug: please report it; "
-                   f"-v shows the traceback)")
-        code = int(ExitCode.INTERNAL)
+        code = _failure(int(ExitCode.INTERNAL), "InternalError",
+                        f"internal error: {type(exc).__name__}: {exc} (a bug: please report it; "
+                        f"-v shows the traceback)")
     sys.exit(code if isinstance(code, int) else 0)
 
 

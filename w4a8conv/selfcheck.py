@@ -71,14 +71,20 @@ class CheckItem:
 @dataclass
 class SelfcheckReport:
     items: list[CheckItem] = field(default_factory=list)
+    require_device: bool = False  # a skipped device check fails the report (a CI gate on an NPU host)
+
+    @property
+    def skipped(self) -> int:
+        return sum(item.status == SKIPPED for item in self.items)
 
     @property
     def ok(self) -> bool:
-        """Nothing failed (skipped checks are fine)."""
-        return all(item.status != FAILED for item in self.items)
+        """Nothing failed, and nothing was skipped when the device checks are required."""
+        return all(item.status != FAILED for item in self.items) and not (self.require_device and self.skipped)
 
     def summary(self) -> dict:
-        return {"ok": self.ok, "checks": [{**asdict(item), "checks": item.checks} for item in self.items]}
+        return {"ok": self.ok, "require_device": self.require_device, "skipped": self.skipped,
+                "checks": [{**asdict(item), "checks": item.checks} for item in self.items]}
 
 
 def vllm_ascend_int64_scale(scale: torch.Tensor) -> torch.Tensor:
@@ -147,13 +153,14 @@ def _torch_npu():
         return None, str(exc)
 
 
-def run_selfcheck() -> SelfcheckReport:
-    """Run the checks in `CHECKS` order; device checks are skipped without torch_npu or an NPU."""
+def run_selfcheck(*, require_device: bool = False) -> SelfcheckReport:
+    """Run the checks in `CHECKS` order; device checks are skipped without torch_npu or an NPU (and then
+    fail the report with `require_device`)."""
     gen = torch.Generator().manual_seed(0)
     values = torch.randint(INT4_MIN, INT4_MAX + 1, _PACK_SHAPE, generator=gen, dtype=torch.int32)
     want = pack_int4_to_int32(values)
     torch_npu, why_not = _torch_npu()
-    report = SelfcheckReport()
+    report = SelfcheckReport(require_device=require_device)
     if torch_npu is None:
         report.items += [CheckItem(name, SKIPPED, f"skipped: {why_not}") for name in ("int4pack", "quantize")]
     else:

@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 from ..constants import QuantVersion
-from ..errors import InvalidCheckpointError
+from ..errors import InvalidCheckpointError, UsageError
 from .safetensors_file import SafetensorsHeader, TensorRef, read_header
 
 __all__ = ["SourceCheckpoint", "open_source", "read_json", "read_weight_files", "model_dtype_of", "MODEL_DTYPES",
-           "DEFAULT_GROUP_SIZE", "MSMODELSLIM"]
+           "MODEL_DTYPE_ALIASES", "canonical_model_dtype", "DEFAULT_GROUP_SIZE", "MSMODELSLIM"]
 
 MSMODELSLIM = "msmodelslim"
 
@@ -27,6 +27,16 @@ DEFAULT_GROUP_SIZE = 256  # vllm-ascend's default when the description has no gr
 MODEL_DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
 }
+# The short names users type (as vLLM's --dtype and torch do); config.json must use the full ones.
+MODEL_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+                       "float": "float32"}
+
+
+def canonical_model_dtype(name: str) -> str | None:
+    """The MODEL_DTYPES name a user's dtype name (any case, alias or full) stands for, or None."""
+    key = name.strip().lower()
+    key = MODEL_DTYPE_ALIASES.get(key, key)
+    return key if key in MODEL_DTYPES else None
 
 
 def read_json(file: Path) -> tuple[bytes, object]:
@@ -132,9 +142,11 @@ def _parse_group_size(description: dict, file: Path) -> int:
 def model_dtype_of(root: Path, override: str | None) -> torch.dtype | None:
     """`override`, else config.json's torch_dtype (or dtype), else None."""
     if override is not None:
-        if override not in MODEL_DTYPES:
-            raise InvalidCheckpointError(f"model dtype {override!r} is not one of {', '.join(MODEL_DTYPES)}")
-        return MODEL_DTYPES[override]
+        name = canonical_model_dtype(override)
+        if name is None:
+            known = ", ".join([*MODEL_DTYPES, *MODEL_DTYPE_ALIASES])
+            raise UsageError(f"model dtype {override!r} is not one of {known}")
+        return MODEL_DTYPES[name]
     config = root / "config.json"
     if not config.is_file():
         return None
