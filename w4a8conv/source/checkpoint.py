@@ -160,14 +160,33 @@ def model_dtype_of(root: Path, override: str | None) -> torch.dtype | None:
     return MODEL_DTYPES[name]
 
 
+def _cache_blobs(real_root: str) -> str | None:
+    """The `blobs` directory of the Hugging Face cache repository whose snapshot `real_root` is
+    (`.../models--org--name/snapshots/<revision>`), or None for any other directory."""
+    snapshots = os.path.dirname(real_root)
+    repository = os.path.dirname(snapshots)
+    if os.path.basename(snapshots) != "snapshots" or not os.path.basename(repository).startswith("models--"):
+        return None
+    return os.path.realpath(os.path.join(repository, "blobs"))
+
+
 def _inside(root: Path, candidate: Path) -> bool:
+    """`candidate` lies in `root`, following links; in a Hugging Face cache snapshot a name in the
+    directory may also be a link to a blob of the same cache repository (how the cache stores files)."""
     real_root, real = os.path.realpath(root), os.path.realpath(candidate)
-    return os.path.commonpath([real_root, real]) == real_root
+    if os.path.commonpath([real_root, real]) == real_root:
+        return True
+    named_inside = os.path.commonpath([os.path.abspath(root), os.path.abspath(candidate)]) == os.path.abspath(root)
+    blobs = _cache_blobs(real_root)
+    return named_inside and blobs is not None and os.path.dirname(real) == blobs
 
 
 def _check_inside(root: Path, file: Path) -> None:
     if not _inside(root, file):
-        raise InvalidCheckpointError("is a link to a file outside the checkpoint directory", file=file)
+        raise InvalidCheckpointError("is a link to a file outside the checkpoint directory (only links into the "
+                                     "same Hugging Face cache repository's blobs are followed; copy the "
+                                     "checkpoint with `cp -rL` or download it with `hf download --local-dir`)",
+                                     file=file)
 
 
 def _indexed_files(root: Path, index_file: Path) -> tuple[list[Path], dict[str, str]]:
