@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from w4a8conv.constants import DESCRIPTION_NAME, STAMP_KEY, ExitCode
 from w4a8conv.engine import sha256_file
 from w4a8conv.errors import InvalidCheckpointError, UsageError
-from w4a8conv.numerics import check_numerics, error_bound, fp_budget
+from w4a8conv.numerics import LinearNumerics, check_numerics, error_bound, fp_budget
 from w4a8conv.runtime import NpuReadyCheckpoint
 from w4a8conv.transforms.scales import decode_int64_to_fp32, encode_fp32_bits_as_int64
 from w4a8conv.verify import verify
@@ -133,3 +133,55 @@ def test_cli_numerics_exit_codes(converted, tmp_path):
     usage = cli("verify", out, "--numerics")
     assert usage.returncode == ExitCode.USAGE
     assert "--numerics needs --source" in usage.stderr
+
+
+def test_linear_layers_are_checked_within_their_bound(converted):
+    """W4A8 Linear layers run as A16W4 (weight-only antiquant): the emulation on the converted tensors
+    against the fp32 product of the source, for both versions and both model dtypes of the presets."""
+    for preset in ("linear-v0", "linear-v1"):
+        source, out = converted(preset)
+        ckpt = NpuReadyCheckpoint.open(out)
+        layers = check_numerics(ckpt, source)
+        linears = sorted(p for p, m in ckpt.stamp["modules"].items() if m["kind"] == "linear")
+        assert [n.prefix for n in layers if isinstance(n, LinearNumerics)] == linears and linears
+        for n in layers:
+            assert n.ok, n.problem()
+        for n in (n for n in layers if isinstance(n, LinearNumerics)):
+            assert 0 < n.error < n.bound < 0.2, n.as_dict()
+
+
+def test_linear_check_catches_a_wrong_antiquant_scale_and_nibble_order(converted):
+    from w4a8conv.numerics import dequantized_linear, linear_numerics
+    from w4a8conv.source import TensorReader, open_source
+
+    source, out = converted("linear-v1")
+    ckpt = NpuReadyCheckpoint.open(out)
+    prefix = next(p for p, m in ckpt.stamp["modules"].items() if m["kind"] == "linear")
+    src = open_source(source)
+    with TensorReader() as reader:
+        want = dequantized_linear(src, reader, prefix, ckpt.stamp["modules"][prefix])
+    tensors = ckpt.linear(prefix)
+    good = linear_numerics(prefix, tensors, want, torch.bfloat16)
+    assert good.ok and good.error < good.bound / 10, good.as_dict()  # the bound is a worst case: ρ·4u
+    scaled = dict(tensors, weight_scale_second=tensors["weight_scale_second"] * 1.5)
+    words = tensors["weight"]
+    swapped_nibbles = dict(tensors, weight=((words >> 4) & 0x0F0F0F0F) | ((words & 0x0F0F0F0F) << 4))
+    for wrong in (scaled, swapped_nibbles):
+        bad = linear_numerics(prefix, wrong, want, torch.bfloat16)
+        assert not bad.ok and bad.error > 2 * bad.bound, bad.as_dict()
+
+
+def test_verify_numerics_without_moe_checks_linear_layers_and_exits_5_with_nothing_to_check(preset_source, tmp_path):
+    from w4a8conv.api import convert
+
+    linear_only = preset_source("linear-v1", moe_layers=0)
+    convert(linear_only, tmp_path / "linear-only")
+    run = cli("verify", tmp_path / "linear-only", "--source", linear_only, "--numerics", "--json")
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout)
+    assert summary["numerics"] and {layer["kind"] for layer in summary["numerics"]} == {"linear"}
+    nothing = preset_source("moe-group-v1", moe_layers=0, w8a8_moe_layers=1)
+    convert(nothing, tmp_path / "nothing")
+    empty = cli("verify", tmp_path / "nothing", "--source", nothing, "--numerics")
+    assert empty.returncode == ExitCode.VERIFY_FAILED, empty.stderr
+    assert "numerics: nothing to check (no W4A8 MoE or Linear layer)" in empty.stderr

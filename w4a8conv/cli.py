@@ -271,8 +271,9 @@ def verify(
                                                     "(and MoE layers run with --numerics).")] = 2,
     all_tensors: Annotated[bool, _flag("--all", help="Compare every expert and tensor.")] = False,
     numerics: Annotated[bool, _flag(
-        "--numerics", help="Also run sampled MoE layers through the reference backend and compare with an "
-                           "fp32 forward of --source (relative error per layer, against its bound).")] = False,
+        "--numerics", help="Also run sampled MoE layers through the reference backend and W4A8 Linear layers "
+                           "through an A16W4 emulation, each compared with an fp32 forward of --source (relative "
+                           "error per layer, against its bound); exit 5 when there is nothing to run.")] = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -295,8 +296,7 @@ def verify(
                     + (f"; worst relative error: {worst}" if worst else ""))
         for layer in report.numerics:
             sink.result(f"numerics {layer.prefix}: relative error {layer.error:.2%}, bound {layer.bound:.2%} "
-                        f"({'ok' if layer.ok else 'FAILED'}; experts [{layer.expert_start}, "
-                        f"{layer.expert_start + layer.experts}), {layer.tokens} tokens, top-{layer.top_k})")
+                        f"({'ok' if layer.ok else 'FAILED'}; {layer.inputs})")
     for problem in report.problems:
         sink.problem(problem)
     if not report.ok:

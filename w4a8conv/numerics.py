@@ -14,6 +14,12 @@ with c1, c2 the rms crest factors of the two quantized activations (hidden state
 G1 + G2 the scale groups of the two matmuls. A wrong bias, scale or nibble order gives errors of
 24–240 % on the synthetic presets against bounds of 7–8 %.
 
+W4A8 Linear layers (dense MLPs, shared experts, attention) run as A16W4 in vllm-ascend
+(`npu_weight_quant_batchmatmul`: weight-only antiquant, the activations unquantized); `check_linear`
+emulates that on the converted `weight` and antiquant scale and compares with the fp32 product of the
+source, against a bound from the model dtype's unit roundoff u and the inputs' cancellation ratio
+ρ = ‖|x|·|W|‖/‖x·W‖ (`linear_bound`).
+
 Only the experts that the check routes to are read: a layer with more than `max_experts` experts
 is read as one expert-parallel slice of at most that many (the same slicing a serving rank uses),
 so a 256-expert layer costs a few experts' fp32 weights, not the layer's.
@@ -31,18 +37,23 @@ from .errors import InvalidCheckpointError, UsageError
 from .plan import natural_key
 from .runtime import MoELayer, NpuReadyCheckpoint
 from .source import SourceCheckpoint, TensorReader, open_source
+from .source.checkpoint import MODEL_DTYPES
+from .transforms.int4 import unpack_int32_to_int4
+from .transforms.linear import LINEAR_SPECS
 from .transforms.moe import MOE_SPECS
 
 __all__ = [
     "U16", "BF16", "fp_budget", "error_bound", "relative_error", "crest", "swiglu_gain", "make_inputs",
     "dequantized_experts", "Fp32Forward", "fp32_forward", "LayerNumerics", "check_layer", "check_numerics",
-    "open_matching_source",
+    "open_matching_source", "LinearNumerics", "a16w4_linear", "linear_bound", "linear_numerics", "check_linear",
+    "UNIT_ROUNDOFF",
 ]
 
 U16, BF16 = 2.0 ** -11, 2.0 ** -9   # unit roundoff of fp16 and bf16 (round to nearest)
 _SCALE_ROUNDING = 2.0 ** -10         # fp16-rounded per-group scale, or the kernel's 19-bit per-channel scale
 _BF16_SCALE_BIAS = 2.0 ** -8         # msModelSlim's "1.0.0" bias from bf16-cast scales (two roundings)
 _QUANT_STEPS = 254                   # 2·127: an int8 rounding moves an element by at most amax/254
+UNIT_ROUNDOFF = {torch.bfloat16: BF16, torch.float16: U16, torch.float32: 2.0 ** -24}
 
 
 def fp_budget(groups: int) -> float:
@@ -164,7 +175,12 @@ class LayerNumerics:
         return self.error <= self.bound  # False for a NaN error as well
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "ok": self.ok}
+        return {**asdict(self), "kind": "moe", "ok": self.ok}
+
+    @property
+    def inputs(self) -> str:
+        return (f"experts [{self.expert_start}, {self.expert_start + self.experts}), {self.tokens} tokens, "
+                f"top-{self.top_k}")
 
     def problem(self) -> str:
         return (f"{self.prefix}: the reference forward differs from the fp32 forward of the source by "
@@ -204,6 +220,83 @@ def check_layer(ckpt: NpuReadyCheckpoint, src: SourceCheckpoint, reader: TensorR
                          error_bound(c1, c2, gamma, groups))
 
 
+@dataclass(frozen=True)
+class LinearNumerics:
+    """One W4A8 Linear layer: the emulated A16W4 forward against the fp32 source product."""
+
+    prefix: str
+    tokens: int
+    rho: float      # ‖|x|·|W|‖/‖x·W‖ of the fp32 source product: how much the rounding errors can add up
+    error: float
+    bound: float
+
+    @property
+    def ok(self) -> bool:
+        return self.error <= self.bound  # False for a NaN error as well
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "kind": "linear", "ok": self.ok}
+
+    @property
+    def inputs(self) -> str:
+        return f"A16W4 Linear, {self.tokens} tokens"
+
+    def problem(self) -> str:
+        return (f"{self.prefix}: the A16W4 forward of the converted layer differs from the fp32 product of the "
+                f"source by {self.error:.2%}, above its bound {self.bound:.2%} (ρ {self.rho:.2f}, {self.tokens} "
+                f"tokens)")
+
+
+def a16w4_linear(x: torch.Tensor, weight: torch.Tensor, antiquant: torch.Tensor) -> torch.Tensor:
+    """What `npu_weight_quant_batchmatmul(x, weight, antiquant_scale=antiquant.to(x.dtype),
+    antiquant_group_size=G)` computes, emulated: x [T, K] in the model dtype, weight int32 [K, N/8],
+    antiquant fp32 [K/G, N]; each weight becomes int4 · scale in x's dtype, products accumulate in fp32,
+    the output is rounded to x's dtype."""
+    values = unpack_int32_to_int4(weight).to(torch.float32)
+    scale = antiquant.to(x.dtype).to(torch.float32).repeat_interleave(values.shape[0] // antiquant.shape[0], dim=0)
+    return (x.to(torch.float32) @ (values * scale).to(x.dtype).to(torch.float32)).to(x.dtype)
+
+
+def linear_bound(u: float, rho: float, inner: int) -> float:
+    """First-order bound on the relative error: each weight carries four roundings to the model dtype
+    (r(s1), r(s2), the antiquant cast, int4 · scale), weighted by ρ; then the output rounding and the
+    fp32 accumulation over `inner` products."""
+    return ((1 + u) ** 4 - 1) * rho + u + inner * 2.0 ** -24
+
+
+def linear_numerics(prefix: str, converted: dict[str, torch.Tensor], source_weight: torch.Tensor,
+                    model_dtype: torch.dtype, *, tokens: int = 64, seed: int = 0) -> LinearNumerics:
+    """Compare `a16w4_linear` on the `converted` tensors (weight, weight_scale_second) with the fp32
+    product of `source_weight` (fp32 [N, K], int4 × scales) on seeded Gaussian inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, source_weight.shape[1], generator=gen).to(model_dtype)
+    want = x.to(torch.float32) @ source_weight.t()
+    rho = (torch.linalg.norm(x.to(torch.float32).abs() @ source_weight.abs().t()) / torch.linalg.norm(want)).item()
+    error = relative_error(a16w4_linear(x, converted["weight"], converted["weight_scale_second"]), want)
+    return LinearNumerics(prefix, tokens, rho, error, linear_bound(UNIT_ROUNDOFF[model_dtype], rho,
+                                                                    source_weight.shape[1]))
+
+
+def dequantized_linear(src: SourceCheckpoint, reader: TensorReader, prefix: str, record: dict) -> torch.Tensor:
+    """fp32 [N, K] from the source: int4 values × weight_scale_second (per group) × weight_scale."""
+    spec = LINEAR_SPECS[Variant(record["variant"])]
+    load = lambda suffix: reader.load(src.tensors[f"{prefix}.{suffix}"]).to(torch.float32)  # noqa: E731
+    w = spec.int4_values(reader.load(src.tensors[f"{prefix}.weight"])).to(torch.float32)
+    second = load("weight_scale_second")
+    out, inp = w.shape
+    w = (w.reshape(out, second.shape[1], -1) * second[:, :, None]).reshape(out, inp)
+    return w * load("weight_scale").reshape(-1, 1)
+
+
+def check_linear(ckpt: NpuReadyCheckpoint, src: SourceCheckpoint, reader: TensorReader, prefix: str, *,
+                 tokens: int = 64, seed: int = 0) -> LinearNumerics:
+    """`linear_numerics` for the converted Linear layer `prefix` and its source."""
+    record = ckpt.stamp["modules"][prefix]
+    model_dtype = MODEL_DTYPES[ckpt.stamp["source"]["model_dtype"]]
+    return linear_numerics(prefix, ckpt.linear(prefix), dequantized_linear(src, reader, prefix, record),
+                           model_dtype, tokens=tokens, seed=seed)
+
+
 def open_matching_source(ckpt: NpuReadyCheckpoint, source_dir: Path | str) -> SourceCheckpoint:
     """The source `ckpt` was converted from, opened as the conversion read it; refuses any other."""
     src = open_source(source_dir, model_dtype=ckpt.stamp["source"].get("model_dtype"))
@@ -213,18 +306,28 @@ def open_matching_source(ckpt: NpuReadyCheckpoint, source_dir: Path | str) -> So
     return src
 
 
+def _sampled(prefixes: list[str], layers: int | None, seed: int) -> list[str]:
+    prefixes = sorted(prefixes, key=natural_key)
+    if layers is not None and layers < len(prefixes):
+        prefixes = sorted(random.Random(seed).sample(prefixes, layers), key=natural_key)
+    return prefixes
+
+
 def check_numerics(ckpt: NpuReadyCheckpoint, source: Path | str | SourceCheckpoint, *, layers: int | None = None,
-                   tokens: int = 64, top_k: int = 2, max_experts: int = 8, seed: int = 0) -> list[LayerNumerics]:
-    """Check `layers` seeded-random MoE layers of a converted checkpoint (None: every one) against
-    the source it was converted from; one `LayerNumerics` per layer, in layer order.
+                   tokens: int = 64, top_k: int = 2, max_experts: int = 8,
+                   seed: int = 0) -> list[LayerNumerics | LinearNumerics]:
+    """Check `layers` seeded-random MoE layers and as many W4A8 Linear layers of a converted
+    checkpoint (None: every one) against the source it was converted from; MoE layers first, each
+    kind in layer order. An empty list means the checkpoint has nothing this check can run.
 
     A path is opened with `open_matching_source` (`InvalidCheckpointError` for another source); an
     already opened `SourceCheckpoint` is taken as that source.
     """
     src = source if isinstance(source, SourceCheckpoint) else open_matching_source(ckpt, source)
-    prefixes = sorted((p for p, m in ckpt.stamp["modules"].items() if m["kind"] == "moe"), key=natural_key)
-    if layers is not None and layers < len(prefixes):
-        prefixes = sorted(random.Random(seed).sample(prefixes, layers), key=natural_key)
+    modules = ckpt.stamp["modules"]
+    moe = _sampled([p for p, m in modules.items() if m["kind"] == "moe"], layers, seed)
+    linear = _sampled([p for p, m in modules.items() if m["kind"] == "linear"], layers, seed)
     with TensorReader() as reader:
-        return [check_layer(ckpt, src, reader, p, tokens=tokens, top_k=top_k, max_experts=max_experts, seed=seed)
-                for p in prefixes]
+        return ([check_layer(ckpt, src, reader, p, tokens=tokens, top_k=top_k, max_experts=max_experts, seed=seed)
+                 for p in moe]
+                + [check_linear(ckpt, src, reader, p, tokens=tokens, seed=seed) for p in linear])

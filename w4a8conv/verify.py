@@ -18,7 +18,7 @@ from .constants import DESCRIPTION_NAME, DOWN_BIAS_CHUNKS, INDEX_NAME
 from .engine import sha256_file
 from .layout import expert_tensor_specs
 from .errors import InvalidCheckpointError, UsageError, W4A8Error
-from .numerics import LayerNumerics, check_numerics, open_matching_source
+from .numerics import LayerNumerics, LinearNumerics, check_numerics, open_matching_source
 from .plan import CopyBytes, TranslatedTensor, make_plan
 from .runtime import NpuReadyCheckpoint
 from .source import SourceCheckpoint, TensorReader
@@ -40,7 +40,7 @@ class VerifyReport:
     bytes_hashed: int = 0
     tensors_compared: int = 0
     worst: dict[str, float] = field(default_factory=dict)  # kind -> worst relative error seen
-    numerics: list[LayerNumerics] = field(default_factory=list)
+    numerics: list[LayerNumerics | LinearNumerics] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -236,6 +236,8 @@ def _check_fidelity(ckpt: NpuReadyCheckpoint, src: SourceCheckpoint, stored: dic
 def _check_numerics(ckpt: NpuReadyCheckpoint, src: SourceCheckpoint, report: VerifyReport, layers: int | None,
                     seed: int) -> None:
     report.numerics = check_numerics(ckpt, src, layers=layers, seed=seed)
+    if not report.numerics:
+        report.problems.append(f"{ckpt.root}: numerics: nothing to check (no W4A8 MoE or Linear layer)")
     for layer in report.numerics:
         report.note_error("numerics", layer.error)
         if not layer.ok:
@@ -246,7 +248,8 @@ def verify(path: Path | str, *, source: Path | str | None = None, sample: int | 
            seed: int = 0, numerics: bool = False) -> VerifyReport:
     """Check a converted directory; with `source`, also decode `sample` experts per layer (None: all);
     with `numerics` as well, run `sample` MoE layers (None: all) through the reference backend
-    against the source's fp32 forward (`report.numerics`, `report.worst["numerics"]`).
+    against the source's fp32 forward, and `sample` W4A8 Linear layers through the A16W4 emulation
+    (`report.numerics`, `report.worst["numerics"]`); nothing to run is a problem.
 
     Never raises for a damaged output: every finding is in `report.problems`. `numerics` without
     `source` is a `UsageError`.
