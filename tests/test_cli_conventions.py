@@ -32,8 +32,10 @@ def run(*args: str | Path, module: str = "w4a8conv.cli", columns: int = 400, env
 
 
 @pytest.fixture(scope="module")
-def runs(converted):
+def runs(converted, preset_source, tmp_path_factory):
     source, output = converted("moe-group-v1")
+    channel = preset_source("moe-channel-v0")  # its conversion warns (a long line)
+    base = tmp_path_factory.mktemp("conventions")
     calls = {
         "help-short": dict(args=["-h"]),
         "help-long": dict(args=["--help"]),
@@ -45,8 +47,10 @@ def runs(converted):
         "missing-argument": dict(args=["convert", source]),
         "bad-size": dict(args=["convert", source, "unused-out", "--max-shard-size", "4X"], columns=40),
         "quiet-and-verbose": dict(args=["inspect", source, "-q", "-v"]),
-        "verify-40": dict(args=["verify", output, "--source", source], columns=40),
-        "verify-400": dict(args=["verify", output, "--source", source]),
+        "convert-40": dict(args=["convert", channel, base / "40" / "out"], columns=40),
+        "convert-400": dict(args=["convert", channel, base / "400" / "out"]),
+        "verify-40": dict(args=["verify", output, "--source", source, "--numerics"], columns=40),
+        "verify-400": dict(args=["verify", output, "--source", source, "--numerics"]),
         "inspect-40": dict(args=["inspect", output], columns=40),
         "inspect-400": dict(args=["inspect", output]),
     }
@@ -100,7 +104,7 @@ def _records(text: str) -> list[str]:
     return [re.sub(r"\d+(\.\d+)?", "N", line) for line in text.splitlines()]
 
 
-@pytest.mark.parametrize("command", ["verify", "inspect"])
+@pytest.mark.parametrize("command", ["convert", "verify", "inspect"])
 def test_narrow_columns_do_not_wrap_output_off_a_terminal(runs, command):
     narrow, wide = runs[f"{command}-40"], runs[f"{command}-400"]
     assert narrow.returncode == wide.returncode == 0, narrow.describe()
@@ -109,9 +113,16 @@ def test_narrow_columns_do_not_wrap_output_off_a_terminal(runs, command):
     for line in (narrow.stdout + narrow.stderr).splitlines():
         assert line == line.rstrip(), f"trailing spaces: {line!r}"
     if command == "verify":
-        (verdict,) = narrow.stdout.splitlines()
+        verdict, numerics = narrow.stdout.splitlines()
         assert re.fullmatch(r"ok: \d+ shard\(s\), .* hashed, \d+ tensors compared; worst relative error: .*, "
-                            r"bias \S+", verdict), verdict
+                            r"bias \S+, numerics \S+", verdict), verdict
+        assert re.fullmatch(r"numerics \S+: relative error .*, bound .* \(ok; experts .*, top-2\)", numerics), numerics
+    if command == "convert":
+        (summary,) = narrow.stdout.splitlines()
+        assert re.fullmatch(r"converted \d+ W4A8 modules, .* s since start\) with \d+ worker\(s\), peak RSS .* -> "
+                            r"\S+/40/out", summary), summary
+        (warning,) = [line for line in narrow.stderr.splitlines() if line.startswith("warning:")]
+        assert warning.endswith("w4a8conv computes it (8·Σ W·s)"), warning
 
 
 def test_quiet_keeps_the_result_and_drops_progress(converted, tmp_path):
