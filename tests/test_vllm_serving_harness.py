@@ -60,7 +60,7 @@ def _leftovers() -> list[str]:
 @pytest.fixture(scope="session")
 def wheels():
     try:
-        return serving.find_vllm_wheel(), harness.find_wheel()
+        return serving.vllm_sources(), harness.find_wheel()
     except serving.HarnessUnavailable as exc:
         pytest.skip(f"vllm / vllm-ascend {serving.VLLM_VERSION} wheel unavailable: {exc}")
 
@@ -68,7 +68,7 @@ def wheels():
 @pytest.fixture(scope="session")
 def wheels_013():
     try:
-        return serving.find_vllm_wheel(R013), harness.find_wheel(ASCEND_013)
+        return serving.vllm_sources(R013), harness.find_wheel(ASCEND_013)
     except serving.HarnessUnavailable as exc:
         pytest.skip(f"vllm / vllm-ascend {ASCEND_013} wheel unavailable: {exc}")
 

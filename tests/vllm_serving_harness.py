@@ -1,4 +1,4 @@
-"""Test harness: the serving-side weight loading of vLLM 0.11.0 + vllm-ascend 0.11.0, run on the CPU.
+"""Test harness: the serving-side weight loading of vLLM + vllm-ascend release pairs, run on the CPU.
 
 `vllm_ascend_harness` runs vllm-ascend's W4A8_DYNAMIC post-processing on tensors that the harness
 itself slices as vLLM would. This harness goes one step further: the slicing is vLLM's own code.
@@ -16,33 +16,35 @@ Inside a `ServingEnv`, a checkpoint's tensors go through
   `utils.get_quant_method` -> `w4a8_dynamic`), and
 * the real `process_weights_after_loading`.
 
-Nothing of vLLM or vllm-ascend is kept in this repository: both wheels are read at test time (the
-vllm-ascend one through `vllm_ascend_harness.find_wheel`, the vLLM one downloaded here into a cache
-outside the repository), members are read with zipfile, the needed functions and classes are
-picked out of the source with `ast` (annotations dropped: they name types nobody stands in for),
-compiled under the wheel's file name and executed with stand-in globals. What is stand-in is
-written here from behaviour: process groups and configuration answering for one rank, the
-torch_npu ops (from `vllm_ascend_harness`), the constructors of the layers (the weight-relevant
-part of `FusedMoE.__init__` / `AscendFusedMoE.__init__` / the `LinearBase` subclasses), the model
-containers, and the vllm-ascend quantization schemes other than W4A8_DYNAMIC (dummy classes).
+Nothing of vLLM or vllm-ascend is kept in this repository: each release is fetched from the package
+index at first use (`release_sources`: the wheel, or for vllm-ascend 0.23.0.post1 the sdist, which pip
+leaves unpacked), its `*.py` files and metadata are kept in a cache outside the repository and the
+archive is deleted (vllm-ascend 0.11/0.13 are small wheels, read as they are through
+`vllm_ascend_harness.find_wheel`). The needed functions and classes are picked out of the source with
+`ast` (annotations dropped: they name types nobody stands in for), compiled under the release's file
+name and executed with stand-in globals. What is stand-in is written here from behaviour: process
+groups and configuration answering for one rank, the torch_npu ops (from `vllm_ascend_harness`), the
+constructors of the layers (the weight-relevant part of `FusedMoE.__init__` / 0.11's
+`AscendFusedMoE.__init__` / the `LinearBase` subclasses), the model containers, and the vllm-ascend
+quantization schemes other than W4A8_DYNAMIC (dummy classes).
 
-Releases: `ServingEnv(..., release="0.11")` (the default, all of the above) or `release="0.13"`:
-vLLM 0.13.0 + vllm-ascend 0.13.0. What differs between them for weight loading is kept in the
-table `RELEASES` (members, module paths, the constructor of the MoE layer). In 0.13 vllm-ascend's
+Releases (`RELEASES`, `ServingEnv(..., release=...)`): "0.11" (the default; vLLM 0.11.0 + vllm-ascend
+0.11.0), "0.13" (0.13.0 + 0.13.0), "0.18" (0.18.0 + 0.18.0) and "0.23" (vLLM 0.23.0 + vllm-ascend
+0.23.0.post1). What differs between them for weight loading is kept in the table (members, module
+paths, the constructor of the MoE layer, where schemes are registered). In 0.13 and later vllm-ascend's
 `AscendFusedMoE` no longer overrides the loaders (vLLM's `_load_w13` / `_load_w2` are used as they
 are) and its constructor is real here too (`__init__`, with vllm-ascend's `init_eplb_config` for the
-expert map; under it a stand-in for vLLM's `FusedMoE.__init__`), and the DeepSeek loop is the
-one vllm-ascend 0.13 patches over vLLM's (`CustomDeepseekV2ForCausalLM.load_weights` of
-`vllm_ascend/patch/worker/patch_deepseekv3.py`). `vllm_ascend.utils.maybe_trans_nz` is the
-identity, like `npu_format_cast`. (0.13 serves DeepSeek's routed experts as AscendSharedFusedMoE,
-whose constructor is AscendFusedMoE.__init__ plus the shared experts: the harness builds
-AscendFusedMoE, the same parameters and loaders.)
+expert map; under it a stand-in for vLLM's `FusedMoE.__init__`). 0.13's DeepSeek loop is the one
+vllm-ascend patches over vLLM's (`CustomDeepseekV2ForCausalLM.load_weights` of
+`vllm_ascend/patch/worker/patch_deepseekv3.py`). From 0.14 the quantization code is the scheme
+registry (`quantization/methods/`), `modelslim_config.py` and `method_adapters.py`.
+`vllm_ascend.utils.maybe_trans_nz` is the identity, like `npu_format_cast`.
 
 Environment:
-  W4A8CONV_VLLM_WHEEL       path of a vllm 0.11.0 wheel already on disk (no download)
-  W4A8CONV_VLLM_CACHE       download cache (default ~/.cache/w4a8conv/vllm)
-  W4A8CONV_VLLM_0_13_WHEEL  path of a vllm 0.13.0 wheel already on disk (no download)
-  W4A8CONV_VLLM_0_13_CACHE  download cache (default ~/.cache/w4a8conv/vllm/0.13.0)
+  W4A8CONV_SERVING_SOURCES  the source cache (default ~/.cache/w4a8conv/serving-sources)
+  W4A8CONV_VLLM_WHEEL, W4A8CONV_VLLM_0_13_WHEEL, W4A8CONV_VLLM_0_18_WHEEL, W4A8CONV_VLLM_0_23_WHEEL
+                            a vLLM wheel already on disk, extracted instead of downloaded
+  W4A8CONV_VLLM_ASCEND_0_18_WHEEL, W4A8CONV_VLLM_ASCEND_0_23_SDIST  the same for vllm-ascend 0.18 / 0.23.0.post1
   (and W4A8CONV_VLLM_ASCEND_WHEEL / W4A8CONV_VLLM_ASCEND_0_13_WHEEL / W4A8CONV_VLLM_ASCEND_CACHE,
   see vllm_ascend_harness)
 """
@@ -66,13 +68,15 @@ import logging
 import os
 import re
 import shutil
+import subprocess
 import sys
+import tarfile
 import tempfile
 import types
 import typing
 import warnings
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -85,7 +89,8 @@ try:
 except ImportError:  # tests/ imported as a package
     from tests import vllm_ascend_harness as _ascend
 
-__all__ = ["VLLM_VERSION", "VLLM_ASCEND_VERSION", "HarnessUnavailable", "find_vllm_wheel", "ServingEnv",
+__all__ = ["VLLM_VERSION", "VLLM_ASCEND_VERSION", "HarnessUnavailable", "vllm_sources", "release_sources",
+           "ServingEnv",
            "weights_from_dir", "MODEL_TYPES", "RELEASES", "DEFAULT_RELEASE", "Release"]
 
 VLLM_VERSION = "0.11.0"  # of the default release; RELEASES has the others
@@ -93,11 +98,6 @@ VLLM_ASCEND_VERSION = _ascend.VLLM_ASCEND_VERSION
 HarnessUnavailable = _ascend.HarnessUnavailable
 
 VLLM_WHEEL_ENV = "W4A8CONV_VLLM_WHEEL"
-VLLM_CACHE_ENV = "W4A8CONV_VLLM_CACHE"
-DEFAULT_VLLM_CACHE = Path.home() / ".cache" / "w4a8conv" / "vllm"
-# The tags of the published 0.11.0 wheel; used only when pip finds nothing for this interpreter.
-VLLM_FALLBACK_TAGS = ["--python-version", "3.11", "--implementation", "cp", "--abi", "abi3",
-                      "--platform", "manylinux1_x86_64"]
 
 # Wheel members read by the harness.
 FUSED_MOE = "vllm/model_executor/layers/fused_moe/layer.py"
@@ -117,6 +117,12 @@ ASCEND_FUSED_MOE_0_13 = "vllm_ascend/ops/fused_moe/fused_moe.py"
 ASCEND_PREPARE_FINALIZE = "vllm_ascend/ops/fused_moe/prepare_finalize.py"
 ASCEND_EPLB_UTILS = "vllm_ascend/eplb/core/eplb_utils.py"
 ASCEND_PATCH_DEEPSEEK = "vllm_ascend/patch/worker/patch_deepseekv3.py"
+METHODS_INIT = "vllm_ascend/quantization/methods/__init__.py"  # 0.14+
+EXPERT_MAP_MANAGER = "vllm/model_executor/layers/fused_moe/expert_map_manager.py"  # vLLM 0.23
+ASCEND_FUSED_MOE_0_23 = "vllm_ascend/ops/fused_moe/fused_moe_0_23_0.py"
+ASCEND_FUSED_MOE_COMMON = "vllm_ascend/ops/fused_moe/fused_moe.py"
+MODELSLIM_CONFIG = "vllm_ascend/quantization/modelslim_config.py"
+METHOD_ADAPTERS = "vllm_ascend/quantization/method_adapters.py"
 
 # model_type -> (models file, class holding load_weights, ForCausalLM class holding packed_modules_mapping,
 #                whether load_weights sits on the inner `model` (behind vLLM's AutoWeightsLoader))
@@ -134,40 +140,104 @@ DEFAULT_RELEASE = "0.11"
 # The vLLM wheel
 
 
-def _has_member(wheel: Path, member: str) -> bool:
-    try:
-        with zipfile.ZipFile(wheel) as archive:
-            return member in archive.namelist()
-    except (OSError, zipfile.BadZipFile):
-        return False
+SOURCES_ENV = "W4A8CONV_SERVING_SOURCES"
+DEFAULT_SOURCES = Path.home() / ".cache" / "w4a8conv" / "serving-sources"
 
 
-def _cached_vllm_wheels(folder: Path, version: str = VLLM_VERSION) -> list[Path]:
-    return sorted(p for p in folder.glob(f"vllm-{version}-*.whl") if _has_member(p, FUSED_MOE))
+def _archive_members(archive: Path) -> Iterator[tuple[str, Callable[[], bytes]]]:
+    """(path inside the distribution, reader) of every file of a wheel or an sdist (.tar.gz or unpacked)."""
+    if archive.is_dir():
+        for path in sorted(archive.rglob("*")):
+            if path.is_file():
+                yield path.relative_to(archive).as_posix(), path.read_bytes
+    elif archive.name.endswith(".tar.gz"):
+        with tarfile.open(archive) as tar:
+            for member in tar.getmembers():
+                if member.isfile():
+                    yield member.name.split("/", 1)[-1], functools.partial(
+                        lambda m: tar.extractfile(m).read(), member)
+    else:
+        with zipfile.ZipFile(archive) as wheel:
+            for name in wheel.namelist():
+                yield name, functools.partial(wheel.read, name)
+
+
+def _extract_sources(archive: Path, package: str, dist_info: str, folder: Path) -> None:
+    """The package's *.py files and the distribution's METADATA (an sdist's PKG-INFO), into `folder`."""
+    part = folder.with_name(folder.name + ".part")
+    shutil.rmtree(part, ignore_errors=True)
+    for name, read in _archive_members(archive):
+        if name == "PKG-INFO" or name.endswith(".dist-info/METADATA"):
+            target = part / dist_info / "METADATA"
+        elif name.startswith(f"{package}/") and name.endswith(".py"):
+            target = part / name
+        else:
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(read())
+    if not (part / dist_info / "METADATA").is_file() or not (part / package / "__init__.py").is_file():
+        shutil.rmtree(part, ignore_errors=True)
+        raise HarnessUnavailable(f"{archive}: holds no {package}/__init__.py or no metadata")
+    part.rename(folder)
 
 
 @functools.cache
-def find_vllm_wheel(release: str = DEFAULT_RELEASE) -> Path:
-    """The vllm wheel of a release (default 0.11: vllm 0.11.0): $W4A8CONV_VLLM_WHEEL (0.13:
-    $W4A8CONV_VLLM_0_13_WHEEL), else the cache, else `pip download` into the cache."""
-    spec = _release(release)
-    version, wheel_env = spec.vllm_version, spec.vllm_wheel_env
-    given = os.environ.get(wheel_env)
+def release_sources(dist: str, version: str, *, sdist: bool = False, env: str | None = None) -> Path:
+    """A folder with the *.py files of `dist`==`version` and its METADATA, read from its wheel (`sdist`: its
+    source distribution, the only form some releases have on the index) and cached under
+    $W4A8CONV_SERVING_SOURCES (default ~/.cache/w4a8conv/serving-sources); the archive itself is not kept.
+    `$env` may name the wheel / sdist / unpacked sdist on disk instead of downloading it."""
+    package = dist.replace("-", "_")
+    dist_info = f"{package}-{version}.dist-info"
+    folder = Path(os.environ.get(SOURCES_ENV) or DEFAULT_SOURCES).expanduser() / f"{package}-{version}"
+    if (folder / dist_info / "METADATA").is_file():
+        return folder
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HarnessUnavailable(f"cannot create the source cache {folder.parent}: {exc}") from None
+    given = os.environ.get(env) if env else None
     if given:
-        path = Path(given).expanduser()
-        if not _has_member(path, FUSED_MOE):
-            raise HarnessUnavailable(f"${wheel_env}={given}: not a wheel holding {FUSED_MOE}")
-        if release != DEFAULT_RELEASE and not path.name.startswith(f"vllm-{version}-"):
-            raise HarnessUnavailable(f"${wheel_env}={given}: not a vllm-{version} wheel")
-        return path
-    cache_dir = Path(os.environ.get(spec.vllm_cache_env) or spec.vllm_default_cache).expanduser()
-    return _ascend.download_wheel(f"vllm=={version}", cache_dir, lambda: _cached_vllm_wheels(cache_dir, version),
-                                  f"vllm-{version}-*.whl", list(spec.vllm_fallback_tags), wheel_env, timeout=900)
+        _extract_sources(Path(given).expanduser(), package, dist_info, folder)
+        return folder
+    with tempfile.TemporaryDirectory(prefix="w4a8conv-release-", dir=folder.parent) as scratch:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", scratch, "--disable-pip-version-check",
+                   "--quiet"]
+        if sdist:  # preparing its metadata fails without the NPU build tools; --no-clean keeps it unpacked
+            command += ["--no-binary", ":all:", "--no-build-isolation", "--no-clean"]
+        else:
+            command += ["--only-binary", ":all:"]
+        build = Path(scratch) / "build"
+        build.mkdir()
+        try:
+            done = subprocess.run(command + [f"{dist}=={version}"], capture_output=True, text=True, timeout=900,
+                                  check=False, env=dict(os.environ, TMPDIR=str(build)))
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise HarnessUnavailable(f"could not download {dist}=={version}: {exc}") from None
+        found = sorted(Path(scratch).glob("*.whl")) + sorted(Path(scratch).glob("*.tar.gz")) + sorted(
+            info.parent for info in build.glob("*/*/PKG-INFO")
+            if re.search(rf"^Version: {re.escape(version)}$", info.read_text(errors="replace"), re.M))
+        if not found:
+            raise HarnessUnavailable(f"could not download {dist}=={version} (set ${env} to it on disk): "
+                                     f"{(done.stderr or done.stdout).strip()[-600:]}")
+        _extract_sources(found[0], package, dist_info, folder)
+    return folder
+
+
+def vllm_sources(release: str = DEFAULT_RELEASE) -> Path:
+    """The extracted sources of the vLLM release a release pair pins (see `release_sources`)."""
+    spec = _release(release)
+    return release_sources("vllm", spec.vllm_version, env=spec.vllm_wheel_env)
 
 
 def _wheels(release: str = DEFAULT_RELEASE) -> tuple[Path, Path]:
-    """(vllm wheel, vllm-ascend wheel) of a release; HarnessUnavailable when either cannot be had."""
-    return find_vllm_wheel(release), _ascend.find_wheel(_release(release).ascend_version)
+    """(vllm, vllm-ascend) of a release: folders of extracted sources, except vllm-ascend 0.11/0.13, whose
+    small wheels `vllm_ascend_harness` reads as they are; HarnessUnavailable when either cannot be had."""
+    spec = _release(release)
+    if spec.layout == "registry":
+        return vllm_sources(release), release_sources("vllm-ascend", spec.ascend_version, sdist=spec.ascend_sdist,
+                                                      env=spec.ascend_source_env)
+    return vllm_sources(release), _ascend.find_wheel(spec.ascend_version)
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,6 +246,12 @@ def _wheels(release: str = DEFAULT_RELEASE) -> tuple[Path, Path]:
 
 @functools.cache
 def _member_text(wheel: Path, member: str) -> str:
+    """A member's text, from a wheel or from a folder of extracted sources (`release_sources`)."""
+    if wheel.is_dir():
+        try:
+            return (wheel / member).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise HarnessUnavailable(f"{wheel.name} has no {member}") from None
     with zipfile.ZipFile(wheel) as archive:
         try:
             return archive.read(member).decode("utf-8")
@@ -335,6 +411,26 @@ def _dummy_class(name: str, module: str, base: type = object) -> type:
     return type(name, (base,), {"__init__": init, "__module__": module})
 
 
+def _permissive_module(name: str, attrs: dict | None = None) -> types.ModuleType:
+    """A stand-in module whose names not given are placeholders raising when called: names imported by the
+    real modules for paths weight loading never takes (serving, other features)."""
+    module = _module(name, attrs)
+
+    def missing(attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return _unavailable(f"{name}.{attr}")
+
+    module.__getattr__ = missing
+    return module
+
+
+def _relative_imports(wheel: Path, member: str) -> list[tuple[str, list[str]]]:
+    """(module, names) of each `from .module import names` at the top level of a member."""
+    return [(node.module, [alias.name for alias in node.names]) for node in _tree(wheel, member).body
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module]
+
+
 def _divide(numerator: int, denominator: int) -> int:
     if numerator % denominator:
         raise ValueError(f"{numerator} is not divisible by {denominator}")
@@ -345,7 +441,7 @@ class _FusedMoEInit(torch.nn.Module):
     """The weight-relevant part of vLLM FusedMoE.__init__ (written from behaviour)."""
 
     def __init__(self, *, num_experts: int, hidden_size: int, intermediate_size: int, params_dtype: torch.dtype,
-                 quant_config, prefix: str, moe_parallel_config: SimpleNamespace):
+                 quant_config, prefix: str, moe_parallel_config: SimpleNamespace, vllm_config=None):
         super().__init__()
         self.moe_parallel_config = moe_parallel_config  # read by the real tp_size/ep_size/... properties
         self.global_num_experts = num_experts
@@ -422,6 +518,57 @@ class _FusedMoEInit013(torch.nn.Module):
             tp_size=parallel.tp_size, dp_size=parallel.dp_size, ep_size=parallel.ep_size,
             tp_rank=parallel.tp_rank, dp_rank=parallel.dp_rank, ep_rank=parallel.ep_rank, use_ep=parallel.use_ep)
 
+    def _init_runner(self):
+        """(vLLM 0.18+) the runner that executes the experts: not part of weight loading."""
+        return None
+
+
+class _ExpertMapManagerState:
+    """The state vLLM 0.23's ExpertMapManager keeps (its real `map_global_to_local` reads it); vllm-ascend's
+    AscendFusedMoE.__init__ overwrites it with its own expert map."""
+
+    def __init__(self):
+        self._expert_map = None
+        self._local_num_experts = None
+
+
+class _FusedMoEInit023(torch.nn.Module):
+    """The weight-relevant part of vLLM 0.23 FusedMoE.__init__ (written from behaviour), under the real
+    AscendFusedMoE.__init__ of vllm-ascend 0.23 (which, as in 0.13/0.18, asks for the quant method and
+    creates the weights itself). hidden_size and intermediate_size_per_partition are vLLM 0.23 properties
+    reading moe_config."""
+
+    expert_map_manager_class: type  # set by ServingEnv: the state above with the real map_global_to_local
+
+    def __init__(self, *, num_experts: int, hidden_size: int, intermediate_size: int, params_dtype: torch.dtype,
+                 quant_config, prefix: str, moe_parallel_config: SimpleNamespace, top_k: int = 1,
+                 vllm_config=None, **unused):
+        super().__init__()
+        parallel = moe_parallel_config
+        self.moe_parallel_config = parallel
+        self.vllm_config = vllm_config
+        self.params_dtype = params_dtype
+        self.global_num_experts = num_experts
+        self.logical_num_experts = num_experts
+        self.layer_name = prefix
+        self.enable_eplb = False
+        self.rocm_aiter_fmoe_enabled = False
+        self._expert_map = None
+        self.expert_mask = None
+        self.top_k = top_k
+        self.custom_routing_function = None
+        self.e_score_correction_bias = None
+        self.quant_config = quant_config
+        self.router = None
+        self.expert_map_manager = self.expert_map_manager_class()
+        self.moe_config = SimpleNamespace(  # FusedMoEConfig, its properties resolved
+            num_experts=num_experts, experts_per_token=top_k, hidden_dim=hidden_size,
+            intermediate_size_per_partition=intermediate_size // parallel.tp_size,
+            num_local_experts=num_experts, moe_parallel_config=parallel, in_dtype=params_dtype,
+            has_bias=False, is_act_and_mul=True, is_lora_enabled=False,
+            tp_size=parallel.tp_size, dp_size=parallel.dp_size, ep_size=parallel.ep_size,
+            tp_rank=parallel.tp_rank, dp_rank=parallel.dp_rank, ep_rank=parallel.ep_rank, use_ep=parallel.use_ep)
+
 
 @dataclasses.dataclass(frozen=True)
 class Release:
@@ -429,10 +576,7 @@ class Release:
 
     vllm_version: str
     ascend_version: str
-    vllm_wheel_env: str
-    vllm_cache_env: str
-    vllm_default_cache: Path
-    vllm_fallback_tags: tuple[str, ...]  # used only when pip finds nothing for this interpreter
+    vllm_wheel_env: str                  # a vLLM wheel on disk to read instead of downloading it
     moe_method_base: str                 # the vLLM member defining FusedMoEMethodBase
     fused_moe_init: type                 # stand-in for vLLM's FusedMoE.__init__
     fused_moe_members: tuple[str, ...]   # the real FusedMoE members (properties and loaders)
@@ -444,6 +588,20 @@ class Release:
     other_schemes: tuple[tuple[str, tuple[str, ...]], ...]  # quantization schemes other than W4A8_DYNAMIC
     # model_type -> (wheel "vllm"/"ascend", member, class): the served load_weights where not MODEL_TYPES'
     loaders: tuple[tuple[str, tuple[str, str, str]], ...] = ()
+    # "map": 0.11-0.13 (quant_config.py, ASCEND_QUANTIZATION_METHOD_MAP; wheels read as they are);
+    # "registry": 0.14+ (modelslim_config.py, method_adapters.py, methods/; sources via `release_sources`)
+    layout: str = "map"
+    ascend_source_env: str = ""  # (registry) a vllm-ascend wheel / sdist on disk instead of a download
+    ascend_sdist: bool = False   # (registry) the release is on the index as an sdist only
+    merged_members: tuple[str, ...] = ("weight_loader",)  # the real MergedColumnParallelLinear members
+    # (vLLM member, names): where determine_expert_map and friends are defined
+    expert_map_functions: tuple[tuple[str, tuple[str, ...]], ...] = (
+        (FUSED_MOE, ("determine_expert_map", "get_compressed_expert_map")),)
+    model_types: tuple[tuple[str, tuple[str, str, str, bool]], ...] = ()  # MODEL_TYPES entries that moved
+    # the top-level names of vLLM's linear.py its weight loaders use
+    linear_helpers: tuple[str, ...] = ("WEIGHT_LOADER_V2_SUPPORTED", "adjust_bitblas_shard", "adjust_marlin_shard",
+                                       "adjust_bitsandbytes_4bit_shard", "adjust_scalar_to_fused_array",
+                                       "left_shift_bitsandbytes_4bit_shard", "LinearMethodBase")
 
 
 _LOADER_MEMBERS = ("_load_per_tensor_weight_scale", "_load_combined_w13_weight_scale",
@@ -451,12 +609,14 @@ _LOADER_MEMBERS = ("_load_per_tensor_weight_scale", "_load_combined_w13_weight_s
                    "_load_w2", "_load_single_value", "_load_g_idx", "_map_global_expert_id_to_local_expert_id",
                    "weight_loader", "make_expert_params_mapping")
 _PROPERTIES = ("tp_size", "dp_size", "ep_size", "tp_rank", "dp_rank", "ep_rank", "use_ep")
+_LINEAR_HELPERS_0_18 = ("WEIGHT_LOADER_V2_SUPPORTED", "adjust_marlin_shard", "adjust_block_scale_shard",
+                        "adjust_bitsandbytes_4bit_shard", "adjust_scalar_to_fused_array", "LinearMethodBase")
+_PROPERTIES_0_18 = ("tp_size", "ep_size", "tp_rank", "ep_rank", "use_ep")  # dp_* dropped
 
 RELEASES = {
     "0.11": Release(
         vllm_version=VLLM_VERSION, ascend_version=VLLM_ASCEND_VERSION,
-        vllm_wheel_env=VLLM_WHEEL_ENV, vllm_cache_env=VLLM_CACHE_ENV, vllm_default_cache=DEFAULT_VLLM_CACHE,
-        vllm_fallback_tags=tuple(VLLM_FALLBACK_TAGS),
+        vllm_wheel_env=VLLM_WHEEL_ENV,
         moe_method_base=FUSED_MOE, fused_moe_init=_FusedMoEInit, fused_moe_members=_PROPERTIES + _LOADER_MEMBERS,
         ascend_moe=("vllm_ascend.ops.common_fused_moe", ASCEND_FUSED_MOE),
         ascend_moe_members=("transpose_weight", "_load_w13", "_load_w2"), ascend_moe_builder="_ascend_moe_0_11",
@@ -467,10 +627,7 @@ RELEASES = {
                        ("w4a4_flatquant_dynamic", ("AscendW4A4FlatQuantDynamicLinearMethod",)))),
     "0.13": Release(
         vllm_version="0.13.0", ascend_version="0.13.0",
-        vllm_wheel_env="W4A8CONV_VLLM_0_13_WHEEL", vllm_cache_env="W4A8CONV_VLLM_0_13_CACHE",
-        vllm_default_cache=DEFAULT_VLLM_CACHE / "0.13.0",
-        vllm_fallback_tags=("--python-version", "3.11", "--implementation", "cp", "--abi", "abi3",
-                            "--platform", "manylinux_2_31_x86_64"),
+        vllm_wheel_env="W4A8CONV_VLLM_0_13_WHEEL",
         moe_method_base=FUSED_MOE_METHOD_BASE, fused_moe_init=_FusedMoEInit013,
         fused_moe_members=_PROPERTIES + ("expert_map",) + _LOADER_MEMBERS,
         ascend_moe=("vllm_ascend.ops.fused_moe.fused_moe", ASCEND_FUSED_MOE_0_13),
@@ -489,6 +646,38 @@ RELEASES = {
         # vllm-ascend 0.13 replaces DeepseekV2ForCausalLM.load_weights (patch/worker/patch_deepseekv3.py)
         loaders=tuple((model_type, ("ascend", ASCEND_PATCH_DEEPSEEK, "CustomDeepseekV2ForCausalLM"))
                       for model_type in ("deepseek_v2", "deepseek_v3"))),
+    "0.18": Release(
+        vllm_version="0.18.0", ascend_version="0.18.0",
+        vllm_wheel_env="W4A8CONV_VLLM_0_18_WHEEL",
+        moe_method_base=FUSED_MOE_METHOD_BASE, fused_moe_init=_FusedMoEInit013,
+        fused_moe_members=_PROPERTIES_0_18 + ("expert_map",) + _LOADER_MEMBERS,
+        ascend_moe=("vllm_ascend.ops.fused_moe.fused_moe", ASCEND_FUSED_MOE_0_13),
+        ascend_moe_members=("moe_counter", "gate_stream", "__init__", "_get_quant_type"),
+        ascend_moe_builder="_ascend_moe_registry", experts_selector="vllm_ascend.ops.fused_moe.experts_selector",
+        ascend_utils_literals=("ASCEND_QUANTIZATION_METHOD", "ACL_FORMAT_FRACTAL_ND", "ACL_FORMAT_FRACTAL_NZ",
+                               "COMPRESSED_TENSORS_METHOD"),
+        other_schemes=(), layout="registry", ascend_source_env="W4A8CONV_VLLM_ASCEND_0_18_WHEEL",
+        linear_helpers=_LINEAR_HELPERS_0_18, merged_members=("validate_shard_id", "weight_loader")),
+    # vllm-ascend 0.23.0.post1 is an sdist only; its W4A8 code is 0.23.0's. With vLLM 0.23.0 it serves MoE
+    # through vLLM's FusedMoE (fused_moe_0_23_0.py), not the RoutedExperts path of later vLLM.
+    "0.23": Release(
+        vllm_version="0.23.0", ascend_version="0.23.0.post1",
+        vllm_wheel_env="W4A8CONV_VLLM_0_23_WHEEL",
+        moe_method_base=FUSED_MOE_METHOD_BASE, fused_moe_init=_FusedMoEInit023,
+        fused_moe_members=_PROPERTIES_0_18 + ("expert_map", "hidden_size", "intermediate_size_per_partition",
+                                              "_get_hidden_dim", "_narrow_expert_data_for_padding")
+        + _LOADER_MEMBERS,
+        ascend_moe=("vllm_ascend.ops.fused_moe.fused_moe", ASCEND_FUSED_MOE_0_23),
+        ascend_moe_members=("moe_counter", "gate_stream", "__init__", "_get_quant_type"),
+        ascend_moe_builder="_ascend_moe_registry", experts_selector="vllm_ascend.ops.fused_moe.experts_selector",
+        ascend_utils_literals=("ASCEND_QUANTIZATION_METHOD", "ACL_FORMAT_FRACTAL_ND", "ACL_FORMAT_FRACTAL_NZ",
+                               "COMPRESSED_TENSORS_METHOD"),
+        other_schemes=(), layout="registry", ascend_source_env="W4A8CONV_VLLM_ASCEND_0_23_SDIST", ascend_sdist=True,
+        linear_helpers=_LINEAR_HELPERS_0_18, merged_members=("validate_shard_id", "weight_loader"),
+        expert_map_functions=((EXPERT_MAP_MANAGER, ("determine_expert_map",)),),
+        # vLLM 0.23's DeepSeek loop sits on the inner DeepseekV2Model, behind AutoWeightsLoader
+        model_types=tuple((model_type, (DEEPSEEK, "DeepseekV2Model", "DeepseekV2ForCausalLM", True))
+                          for model_type in ("deepseek_v2", "deepseek_v3"))),
 }
 
 
@@ -506,6 +695,7 @@ class _ModelRoot(torch.nn.Module):
         self.config = config
         self.quant_config = quant_config
         self.num_redundant_experts = num_redundant_experts
+        self.use_mha = False  # (vLLM 0.18+ DeepSeek) MLA attention: no q/k/v stacking
 
 
 class _AutoLoadedRoot(torch.nn.Module):
@@ -636,13 +826,14 @@ class ServingEnv:
         self._logger = logger
         platform = SimpleNamespace(use_sync_weight_loader=lambda: False, is_cuda_alike=lambda: False,
                                    is_cuda=lambda: False, is_rocm=lambda: False, is_cpu=lambda: False,
-                                   is_out_of_tree=lambda: True, device_type="npu", device_name="npu")
+                                   is_out_of_tree=lambda: True, device_type="npu", device_name="npu",
+                                   supported_quantization=[])
         hf_config = SimpleNamespace(model_type=self.model_type)
         self.vllm_config = SimpleNamespace(
             quant_config=None,  # the real AscendQuantConfig, below
             parallel_config=SimpleNamespace(enable_expert_parallel=self.enable_ep, tensor_parallel_size=self.tp_size,
                                             data_parallel_size=self.ep_size if self.enable_ep else 1,
-                                            expert_placement_strategy="linear"),
+                                            expert_placement_strategy="linear", enable_dbo=False),
             model_config=SimpleNamespace(hf_config=hf_config, hf_text_config=hf_config, dtype=self.params_dtype),
             compilation_config=SimpleNamespace(static_forward_context={}), lora_config=None)
         tp_group = SimpleNamespace(world_size=self.tp_size, rank_in_group=self.tp_rank)
@@ -655,7 +846,12 @@ class ServingEnv:
         self.ascend_config = SimpleNamespace(dynamic_eplb=False, expert_map_record_path=None, expert_map_path=None,
                                              init_redundancy_expert=0, enable_shared_expert_dp=False,
                                              oproj_tensor_parallel_size=None, multistream_overlap_gate=False,
-                                             mix_placement=False, flashcomm2_oproj_tensor_parallel_size=None)
+                                             mix_placement=False, flashcomm2_oproj_tensor_parallel_size=None,
+                                             # 0.14+: EPLB settings moved under eplb_config
+                                             eplb_config=SimpleNamespace(dynamic_eplb=False, expert_map_path=None,
+                                                                         num_redundant_experts=0, eplb_policy_type=0),
+                                             multistream_overlap_shared_expert=False, weight_nz_mode=1,
+                                             ascend_compilation_config=SimpleNamespace(enable_static_kernel=False))
         # The real constants of vllm_ascend/utils.py (the module itself pulls in the NPU runtime).
         ascend_utils = {name: _literal(aw, ASCEND_UTILS, name) for name in spec.ascend_utils_literals}
 
@@ -686,6 +882,8 @@ class ServingEnv:
         self._add("vllm.utils.torch_utils", _module("vllm.utils.torch_utils", dict(
             is_torch_equal_or_newer=_unavailable("is_torch_equal_or_newer"))))
 
+        if importlib.util.find_spec("transformers") is None:  # (vLLM 0.23) named in annotations only
+            self._add("transformers", _module("transformers", dict(PretrainedConfig=type("PretrainedConfig", (), {}))))
         # Real vLLM modules, executed whole: quantization base classes and registry, set_weight_attrs.
         base_config = self._exec("vllm.model_executor.layers.quantization.base_config", vw, BASE_CONFIG)
         self._exec("vllm.model_executor.layers.quantization", vw, QUANTIZATION_INIT, package=True)
@@ -719,15 +917,22 @@ class ServingEnv:
                   # 0.13's weight_loader names it after `allow_flashinfer and ...` (False here)
                   "is_flashinfer_supporting_global_sf": _unavailable("is_flashinfer_supporting_global_sf")}
         in_layer = spec.moe_method_base == FUSED_MOE  # FusedMoEMethodBase: in layer.py (0.11) or its own file
-        _define(vw, FUSED_MOE, ["FusedMoeWeightScaleSupported"] + ["FusedMoEMethodBase"] * in_layer
-                + ["determine_expert_map", "get_compressed_expert_map"], moe_ns)
+        _define(vw, FUSED_MOE, ["FusedMoeWeightScaleSupported"] + ["FusedMoEMethodBase"] * in_layer, moe_ns)
+        for member, names in spec.expert_map_functions:
+            _define(vw, member, names, moe_ns)
         if not in_layer:
             base_ns = {"__name__": "vllm.model_executor.layers.fused_moe.fused_moe_method_base", "torch": torch,
                        "abstractmethod": abc.abstractmethod, "QuantizeMethodBase": QuantizeMethodBase,
                        "logger": logger}
             moe_ns["FusedMoEMethodBase"] = _define(vw, spec.moe_method_base, ["FusedMoEMethodBase"],
                                                    base_ns)["FusedMoEMethodBase"]
-        FusedMoE = _real_class(vw, FUSED_MOE, "FusedMoE", spec.fused_moe_members, spec.fused_moe_init, moe_ns)
+        fused_init = spec.fused_moe_init
+        if "expert_map_manager_class" in fused_init.__annotations__:  # vLLM 0.23: the real map_global_to_local
+            manager = _real_class(vw, EXPERT_MAP_MANAGER, "ExpertMapManager", ["map_global_to_local"],
+                                  _ExpertMapManagerState, {"__name__": "vllm.model_executor.layers.fused_moe."
+                                                                       "expert_map_manager", "torch": torch})
+            fused_init = type(fused_init.__name__, (fused_init,), {"expert_map_manager_class": manager})
+        FusedMoE = _real_class(vw, FUSED_MOE, "FusedMoE", spec.fused_moe_members, fused_init, moe_ns)
         moe_exports = dict(FusedMoE=FusedMoE, FusedMoEMethodBase=moe_ns["FusedMoEMethodBase"],
                            FusedMoeWeightScaleSupported=moe_ns["FusedMoeWeightScaleSupported"],
                            determine_expert_map=moe_ns["determine_expert_map"],
@@ -770,13 +975,11 @@ class ServingEnv:
                      "QuantizationConfig": base_config.QuantizationConfig,
                      "set_weight_attrs": mutils.set_weight_attrs, "current_platform": platform,
                      "divide": _divide, "BasevLLMParameter": BasevLLMParameter, **parameter_classes}
-        _define(vw, LINEAR, ["WEIGHT_LOADER_V2_SUPPORTED", "adjust_bitblas_shard", "adjust_marlin_shard",
-                             "adjust_bitsandbytes_4bit_shard", "adjust_scalar_to_fused_array",
-                             "left_shift_bitsandbytes_4bit_shard", "LinearMethodBase"], linear_ns)
+        _define(vw, LINEAR, spec.linear_helpers, linear_ns)
         LinearBase = type("LinearBase", (_LinearInit,), {"__module__": linear_ns["__name__"]})
         Replicated = _real_class(vw, LINEAR, "ReplicatedLinear", ["weight_loader"], LinearBase, linear_ns)
         Column = _real_class(vw, LINEAR, "ColumnParallelLinear", ["weight_loader"], LinearBase, linear_ns)
-        Merged = _real_class(vw, LINEAR, "MergedColumnParallelLinear", ["weight_loader"], Column, linear_ns)
+        Merged = _real_class(vw, LINEAR, "MergedColumnParallelLinear", spec.merged_members, Column, linear_ns)
         Row = _real_class(vw, LINEAR, "RowParallelLinear", ["weight_loader"], LinearBase, linear_ns)
         self._linear_classes = {"replicated": Replicated, "column": Column, "merged": Merged, "row": Row}
         self._add("vllm.model_executor.layers.linear", _module("vllm.model_executor.layers.linear", dict(
@@ -809,6 +1012,10 @@ class ServingEnv:
         if importlib.util.find_spec("regex") is None:  # maybe_remap_kv_scale_name imports it for k/v scales
             self._add("regex", re)
 
+        if spec.layout == "registry":
+            self._install_ascend_registry(FusedMoE=FusedMoE, moe_ns=moe_ns, linear_ns=linear_ns, weight_ns=weight_ns,
+                                          ascend_utils=ascend_utils)
+            return
         # vllm_ascend: the package, _version and the quantization package are real; the rest stand-in.
         self._exec("vllm_ascend", aw, "vllm_ascend/__init__.py", package=True)
         self._exec("vllm_ascend._version", aw, "vllm_ascend/_version.py")
@@ -850,12 +1057,15 @@ class ServingEnv:
         assert quant_pkg.utils is utils and quant_pkg.w4a8_dynamic is w4a8
         self.quant_config = quant_config.AscendQuantConfig(self.description)
         self.vllm_config.quant_config = self.quant_config
-        # vLLM's configure_quant_config: the model class's packed_modules_mapping, passed by reference
-        models_file, loader_class, causal_lm_class, inner = MODEL_TYPES[self.model_type]
+        self._install_model(FusedMoE, moe_ns, weight_ns)
+
+    def _install_model(self, FusedMoE: type, moe_ns: dict, weight_ns: dict) -> None:
+        """vLLM's configure_quant_config (the model class's packed_modules_mapping, passed by reference) and
+        the model's real load_weights (vLLM's, or the one vllm-ascend patches over it)."""
+        vw, aw, spec, logger = self.vllm_wheel, self.ascend_wheel, self._spec, self._logger
+        models_file, loader_class, causal_lm_class, inner = {**MODEL_TYPES, **dict(spec.model_types)}[self.model_type]
         self.quant_config.packed_modules_mapping = _literal(vw, models_file, "packed_modules_mapping",
                                                             causal_lm_class)
-
-        # The model's real load_weights (vLLM's, or the one vllm-ascend patches over it)
         model_ns = {"__name__": f"vllm.model_executor.models.{Path(models_file).stem}", "typing": typing,
                     "torch": torch, "nn": torch.nn, "Callable": collections.abc.Callable,
                     "Iterable": collections.abc.Iterable, "Optional": typing.Optional, "Union": typing.Union,
@@ -865,7 +1075,16 @@ class ServingEnv:
                     "maybe_remap_kv_scale_name": weight_ns["maybe_remap_kv_scale_name"],
                     # the names vllm-ascend's patched DeepSeek loop adds
                     "SharedFusedMoE": type("SharedFusedMoE", (FusedMoE,), {"__module__": moe_ns["__name__"]}),
-                    "get_ascend_config": lambda: self.ascend_config}
+                    "get_ascend_config": lambda: self.ascend_config,
+                    # (vLLM 0.18+) ROCm's fused shared experts: off on Ascend
+                    "rocm_aiter_ops": SimpleNamespace(is_fusion_moe_shared_experts_enabled=lambda: False)}
+        # vLLM 0.23: the mapping helper, the fp8 indexer-weight hook of the DeepSeek loop (a no-op for other
+        # weights), no pipeline-parallel layers missing
+        model_ns["get_pp_missing_layer_names"] = lambda model: []
+        for member, name in ((FUSED_MOE, "fused_moe_make_expert_params_mapping"),
+                             (models_file, "_try_load_fp8_indexer_wk")):
+            if any(_defined_name(node) == name for node in _tree(vw, member).body):
+                _define(vw, member, [name], model_ns)
         if models_file == DEEPSEEK:
             _define(vw, DEEPSEEK, ["get_spec_layer_idx_from_weight_name"], model_ns)
             methods = ["load_weights"]
@@ -875,6 +1094,90 @@ class ServingEnv:
         self._model_class = _real_class(vw if where == "vllm" else aw, member, class_name, methods, _ModelRoot,
                                         model_ns, new_name=loader_class)
         self._inner_loader = inner
+
+    def _install_ascend_registry(self, *, FusedMoE: type, moe_ns: dict, linear_ns: dict, weight_ns: dict,
+                                 ascend_utils: dict) -> None:
+        """vllm-ascend 0.14+: the real `quantization` package, `quant_type`, `methods` (`registry`, `base`,
+        `w4a8`; the other schemes' modules stand-in classes), `modelslim_config` and `method_adapters`."""
+        aw, spec, groups = self.ascend_wheel, self._spec, self._groups
+        self._add("vllm.model_executor.layers.attention_layer_base", _module(
+            "vllm.model_executor.layers.attention_layer_base",
+            dict(AttentionLayerBase=type("AttentionLayerBase", (), {}))))
+        sys.modules["vllm.config"].get_current_vllm_config_or_none = lambda: self.vllm_config
+        self._add("vllm_ascend.logger", _module("vllm_ascend.logger"))  # (0.23) imported for its log setup
+        self._exec("vllm_ascend", aw, "vllm_ascend/__init__.py", package=True)
+        self._exec("vllm_ascend._version", aw, "vllm_ascend/_version.py")
+        self._add("vllm_ascend.utils", _permissive_module("vllm_ascend.utils", dict(
+            ascend_utils, mlp_tp_enable=lambda: False, oproj_tp_enable=lambda: False, enable_sp=lambda *a: False,
+            is_310p=lambda: False, flashcomm2_enable=lambda: False, enable_dsa_cp_with_layer_shard=lambda: False,
+            maybe_trans_nz=_ascend.maybe_trans_nz, vllm_version_is=lambda version: version == spec.vllm_version)))
+        self._add("vllm_ascend.ascend_config", _module("vllm_ascend.ascend_config",
+                                                       dict(get_ascend_config=lambda: self.ascend_config)))
+        self._add("vllm_ascend.ascend_forward_context", _permissive_module("vllm_ascend.ascend_forward_context"))
+        self._add("vllm_ascend.distributed", _module("vllm_ascend.distributed", package=True))
+        self._add("vllm_ascend.distributed.parallel_state", _module("vllm_ascend.distributed.parallel_state", dict(
+            get_mc2_group=lambda: groups.mc2, get_mlp_tp_group=lambda: groups.tp, get_otp_group=lambda: groups.tp,
+            get_flashcomm2_otp_group=lambda: groups.tp)))
+        self._add("vllm_ascend.ops", _module("vllm_ascend.ops", package=True))
+        self._add("vllm_ascend.ops.fused_moe", _module("vllm_ascend.ops.fused_moe", package=True))
+        for name in ("vllm_ascend.ops.fused_moe.experts_selector", "vllm_ascend.ops.fused_moe.moe_runtime_args"):
+            self._add(name, _permissive_module(name))  # only `apply` uses them
+        self._add("vllm_ascend.ops.linear", _module("vllm_ascend.ops.linear", dict(
+            AscendUnquantizedLinearMethod=_dummy_class("AscendUnquantizedLinearMethod", "vllm_ascend.ops.linear",
+                                                       linear_ns["LinearMethodBase"]))))
+        self._exec("vllm_ascend.quantization", aw, "vllm_ascend/quantization/__init__.py", package=True)
+        self._exec("vllm_ascend.quantization.quant_type", aw, "vllm_ascend/quantization/quant_type.py")
+        methods = "vllm_ascend.quantization.methods"
+        package = self._add(methods, _module(methods, package=True, file=_filename(aw, METHODS_INIT)))
+        for real in ("registry", "base", "w4a8"):
+            self._exec(f"{methods}.{real}", aw, f"vllm_ascend/quantization/methods/{real}.py")
+        for module, names in _relative_imports(aw, METHODS_INIT):
+            if module not in ("registry", "base", "w4a8"):
+                name = f"{methods}.{module}"
+                self._add(name, _module(name, {c: _dummy_class(c, name) for c in names}))
+        exec(compile(_member_text(aw, METHODS_INIT), _filename(aw, METHODS_INIT), "exec"), package.__dict__)
+        modelslim = self._exec("vllm_ascend.quantization.modelslim_config", aw, MODELSLIM_CONFIG)
+        self._exec("vllm_ascend.quantization.method_adapters", aw, METHOD_ADAPTERS)
+        w4a8 = sys.modules[f"{methods}.w4a8"]
+        assert package.get_scheme_class("W4A8_DYNAMIC", "moe") is w4a8.AscendW4A8DynamicFusedMoEMethod
+
+        moe_module, _ = spec.ascend_moe
+        self._moe_class = getattr(self, spec.ascend_moe_builder)(FusedMoE, moe_ns, w4a8)
+        self._add_with_parents(moe_module, _module(moe_module, dict(
+            AscendFusedMoE=self._moe_class,
+            AscendUnquantizedFusedMoEMethod=_dummy_class("AscendUnquantizedFusedMoEMethod", moe_module,
+                                                         moe_ns["FusedMoEMethodBase"]))))
+        self.quant_config = modelslim.AscendModelSlimConfig(self.description)
+        self.vllm_config.quant_config = self.quant_config
+        self._install_model(FusedMoE, moe_ns, weight_ns)
+
+    def _ascend_moe_registry(self, FusedMoE: type, moe_ns: dict, w4a8: types.ModuleType) -> type:
+        """0.18, 0.23: the real AscendFusedMoE.__init__ (expert map from vllm-ascend's real init_eplb_config)
+        over a stand-in for vLLM's FusedMoE.__init__; vLLM's loaders as they are."""
+        aw, logger, groups = self.ascend_wheel, self._logger, self._groups
+        eplb = _define(aw, ASCEND_EPLB_UTILS, ["expert_file_to_tensor", "generate_global_placement",
+                                               "init_eplb_config", "generate_log2phy_map"], {
+            "__name__": "vllm_ascend.eplb.core.eplb_utils", "torch": torch, "np": numpy, "json": json, "os": os,
+            "sys": sys, "defaultdict": collections.defaultdict, "logger": logger,
+            "determine_expert_map": moe_ns["determine_expert_map"]})
+        module, member = self._spec.ascend_moe
+        fused_ns = {"__name__": module, "torch": torch, "Optional": typing.Optional, "Callable": typing.Callable,
+                    "logger": logger, "get_current_vllm_config": lambda: self.vllm_config,
+                    "get_ascend_config": lambda: self.ascend_config, "get_tp_group": lambda: groups.tp,
+                    "get_dp_group": lambda: groups.dp, "get_ep_group": lambda: groups.ep,
+                    "get_mc2_group": lambda: groups.mc2,
+                    "AscendUnquantizedFusedMoEMethod": _dummy_class("AscendUnquantizedFusedMoEMethod", module),
+                    "init_eplb_config": eplb["init_eplb_config"],
+                    "get_compressed_expert_map": moe_ns.get("get_compressed_expert_map"),
+                    "setup_moe_comm_method": lambda moe_config: None,  # communication, not weights
+                    "QuantType": sys.modules["vllm_ascend.quantization.quant_type"].QuantType,
+                    # (0.23) the runner executes the experts; sequence parallelism is off
+                    "AscendMoERunner": lambda *args, **kwargs: None, "enable_sp": lambda *args: False,
+                    "wraps": functools.wraps,
+                    "VllmEplbAdaptor": SimpleNamespace(register_layer=lambda layer: None)}  # EPLB's run-time list
+        if fused_ns["get_compressed_expert_map"] is None:  # 0.23 defines its own
+            _define(aw, ASCEND_FUSED_MOE_COMMON, ["get_compressed_expert_map"], fused_ns)
+        return _real_class(aw, member, "AscendFusedMoE", self._spec.ascend_moe_members, FusedMoE, fused_ns)
 
     # ---- AscendFusedMoE, per release
 
@@ -957,7 +1260,7 @@ class ServingEnv:
             warnings.filterwarnings("ignore", "Creating a tensor from a list of numpy.ndarrays", UserWarning)
             layer = self._moe_class(num_experts=num_experts, hidden_size=hidden, intermediate_size=intermediate,
                                     params_dtype=self.params_dtype, quant_config=self.quant_config, prefix=prefix,
-                                    moe_parallel_config=parallel)
+                                    moe_parallel_config=parallel, vllm_config=self.vllm_config)
         self._num_experts[id(layer)] = num_experts
         return layer
 

@@ -1,21 +1,33 @@
 """vLLM plugin: serve w4a8conv's converted checkpoints from vllm-ascend without re-processing.
 
 `register` is the `vllm.general_plugins` entry point; vLLM calls it in every process. It adds the
-converted type (W4A8_DYNAMIC_NPU) to vllm-ascend's `ASCEND_QUANTIZATION_METHOD_MAP` with two
-schemes built on vllm-ascend's own W4A8_DYNAMIC ones, so serving (`apply`) is vllm-ascend's code:
+converted type (W4A8_DYNAMIC_NPU) to vllm-ascend for FusedMoE and Linear layers, the way the
+installed release line keeps its quantization schemes (`RELEASES`): vllm-ascend 0.11 and 0.13 look
+them up in `ASCEND_QUANTIZATION_METHOD_MAP`, 0.14 and later in the `register_scheme` registry. The
+schemes are vllm-ascend's own W4A8_DYNAMIC ones with a mixin of ours in front (`_ConvertedMoE`,
+`_ConvertedLinear`, combined with the release's classes at `register`), so serving (`apply`) is
+vllm-ascend's code:
 
-* parameters are created in the converted, final shapes for this rank (docs/format.md);
+* parameters are created in the converted, final shapes for this rank (docs/format.md), in the
+  shapes the release's own `process_weights_after_loading` leaves (0.20+ squeezes the per-channel
+  `w13_weight_scale`);
 * each gets a weight loader of ours: converted tensors are in kernel orientation, where vLLM's
   loaders would cut the wrong axis. Expert tensors arrive through vLLM's usual expert routing
   (`experts.<e>.<proj>.` -> `w13_`/`w2_`), one expert at a time, and are cut for the rank by
   `split.expert_rank_part`, the same code the checkpoint view uses;
 * `process_weights_after_loading` checks that every part of every parameter was loaded, then does
-  the only device-side step left, the FRACTAL_NZ cast of the expert weights.
+  what the release still does on the device: its FRACTAL_NZ cast of the weights, which vllm-ascend
+  applies to the int8 bytes before viewing them as int32 (so the plugin casts an int8 view of the
+  stored int32 words and views the result as int32 again), and on releases whose W4A8 experts
+  support dynamic EPLB, the per-expert lists EPLB moves experts with.
 
 Anything it cannot serve exactly is refused with `ServingError` / `NotConvertedError` /
 `UnsupportedSplitError`: a description without a valid stamp, a layout version it does not know, a
-layer the stamp does not describe, a split the layout cannot cut, a vllm-ascend release it was not
-built against, or a parameter left (partly) unloaded.
+layer the stamp does not describe, a split the layout cannot cut, a vllm-ascend release line not in
+`RELEASES`, a mode the release's W4A8 code does not support, or a parameter left (partly) unloaded.
+Which lines can serve is decided here at load, from `RELEASES`, not from the stamp (whose
+`serving_releases` records the lines of the w4a8conv that wrote it), so a newer plugin serves an
+older output.
 
 vllm-ascend wraps each scheme in `AscendFusedMoEMethod` / `AscendLinearMethod`, whose `create_weights`
 registers the parameters with vLLM's weight loader; the schemes cannot see the layer before that.
@@ -41,28 +53,86 @@ from ..layout import linear_tensor_specs
 from .checkpoint import checked_stamp
 from .split import check_tp, expert_rank_part, linear_output_axis, linear_rank_part
 
-__all__ = ["register", "SUPPORTED_VLLM_ASCEND"]
+__all__ = ["register", "RELEASES", "SUPPORTED_VLLM_ASCEND", "serving_release_lines"]
 
+_KINDS = ("moe", "linear")
 
 
 @dataclass(frozen=True)
-class _Release:
-    """What a vllm-ascend release still does to W4A8 weights after the steps a converted checkpoint
-    already holds: the FRACTAL_NZ cast, and whether Linear weights get it too."""
+class Mechanism:
+    """How a vllm-ascend release line keeps its quantization schemes: the module of its W4A8_DYNAMIC
+    classes, the module of the wrappers that create their parameters, and how a type is added."""
 
-    nz_cast: str  # "format_cast" (torch_npu.npu_format_cast to ACL_FORMAT_FRACTAL_NZ) or a vllm_ascend.utils function
-    linear_nz: bool
+    base_module: str
+    wrappers_module: str
+    installed: Callable[[], dict[str, type | None]]  # kind -> the class registered for the converted type
+    install: Callable[[dict[str, type]], None]
 
 
-# Releases whose quantization plumbing this plugin was exercised against (tests/test_vllm_plugin.py).
-# 0.12 exists as a release candidate only; 0.14 replaces the map with a scheme registry.
+def _map_installed() -> dict[str, type | None]:
+    registered = importlib.import_module("vllm_ascend.quantization.utils").ASCEND_QUANTIZATION_METHOD_MAP
+    return {kind: registered.get(CONVERTED_TYPE, {}).get(kind) for kind in _KINDS}
+
+
+def _map_install(schemes: dict[str, type]) -> None:
+    importlib.import_module("vllm_ascend.quantization.utils").ASCEND_QUANTIZATION_METHOD_MAP[CONVERTED_TYPE] = schemes
+
+
+def _registry_installed() -> dict[str, type | None]:
+    registry = importlib.import_module("vllm_ascend.quantization.methods.registry")
+    return {kind: registry.get_scheme_class(CONVERTED_TYPE, kind) for kind in _KINDS}
+
+
+def _registry_install(schemes: dict[str, type]) -> None:
+    registry = importlib.import_module("vllm_ascend.quantization.methods.registry")
+    for kind, scheme in schemes.items():
+        registry.register_scheme(CONVERTED_TYPE, kind)(scheme)  # raises on a duplicate: checked before
+
+
+METHOD_MAP = Mechanism(base_module="vllm_ascend.quantization.w4a8_dynamic",
+                       wrappers_module="vllm_ascend.quantization.quant_config",
+                       installed=_map_installed, install=_map_install)
+SCHEME_REGISTRY = Mechanism(base_module="vllm_ascend.quantization.methods.w4a8",
+                            wrappers_module="vllm_ascend.quantization.method_adapters",
+                            installed=_registry_installed, install=_registry_install)
+
+
+@dataclass(frozen=True)
+class Release:
+    """What differs between vllm-ascend release lines for serving converted W4A8 weights."""
+
+    mechanism: Mechanism
+    # the FRACTAL_NZ cast: "format_cast" (torch_npu.npu_format_cast, always) or "maybe_trans_nz" (the
+    # release's own switch: VLLM_ASCEND_ENABLE_NZ; from 0.20 the weight_nz_mode setting, falling back to it)
+    nz_cast: str
+    linear_nz: bool               # Linear weights are cast too
+    squeezed_channel_scale: bool  # per-channel w13_weight_scale is [E, 2Ip], not [E, 1, 2Ip] (0.20+)
+    dynamic_eplb: bool            # W4A8 experts support dynamic EPLB: per-expert lists after the NZ cast (0.20+)
+    bias_chunks_over: str         # the group whose size sets the release's down_proj bias chunks per rank
+
+
+# Release lines whose serving code this plugin was exercised against (tests/test_vllm_plugin.py), each
+# with the vLLM release it pins. 0.12 and 0.14-0.17 exist as release candidates only; 0.19-0.22 were
+# not exercised.
 RELEASES = {
-    (0, 11): _Release(nz_cast="format_cast", linear_nz=False),
-    (0, 13): _Release(nz_cast="maybe_trans_nz", linear_nz=True),  # its own switch, VLLM_ASCEND_ENABLE_NZ
+    (0, 11): Release(METHOD_MAP, nz_cast="format_cast", linear_nz=False, squeezed_channel_scale=False,
+                     dynamic_eplb=False, bias_chunks_over="expert-parallel group"),
+    (0, 13): Release(METHOD_MAP, nz_cast="maybe_trans_nz", linear_nz=True, squeezed_channel_scale=False,
+                     dynamic_eplb=False, bias_chunks_over="expert-parallel group"),
+    (0, 18): Release(SCHEME_REGISTRY, nz_cast="maybe_trans_nz", linear_nz=True, squeezed_channel_scale=False,
+                     dynamic_eplb=False, bias_chunks_over="expert-parallel group"),
+    # 0.23.0 and 0.23.0.post1 (an sdist, the same W4A8 code), served through vLLM 0.23.0's FusedMoE
+    (0, 23): Release(SCHEME_REGISTRY, nz_cast="maybe_trans_nz", linear_nz=True, squeezed_channel_scale=True,
+                     dynamic_eplb=True, bias_chunks_over="tensor-parallel world"),
 }
 SUPPORTED_VLLM_ASCEND = tuple(RELEASES)
 _MARK = "_w4a8conv_scheme"
 _SHARD_IDS = {"q": 0, "k": 1, "v": 2}
+
+
+def serving_release_lines() -> list[str]:
+    """The vllm-ascend release lines this plugin serves converted checkpoints on ("0.11", ...)."""
+    return [f"{major}.{minor}" for major, minor in SUPPORTED_VLLM_ASCEND]
 
 
 def _vllm_ascend_version() -> str | None:
@@ -84,23 +154,34 @@ def register() -> None:
     version = _vllm_ascend_version()
     if version is None:
         return  # not an Ascend serving environment: nothing to serve here
-    if _release(version) not in SUPPORTED_VLLM_ASCEND:
-        supported = ", ".join(f"{a}.{b}.x" for a, b in SUPPORTED_VLLM_ASCEND)
+    release = RELEASES.get(_release(version))
+    if release is None:
+        supported = ", ".join(f"{line}.x" for line in serving_release_lines())
         raise ServingError(f"w4a8conv serves {CONVERTED_TYPE} checkpoints with vllm-ascend {supported}; "
                            f"vllm-ascend {version} is installed. Install a supported release, or remove "
                            "w4a8conv from this environment.")
-    release = RELEASES[_release(version)]
-    utils = importlib.import_module("vllm_ascend.quantization.utils")
-    wrappers = importlib.import_module("vllm_ascend.quantization.quant_config")
-    registered = utils.ASCEND_QUANTIZATION_METHOD_MAP.get(CONVERTED_TYPE, {})
-    if not all(getattr(registered.get(kind), _MARK, False) for kind in ("moe", "linear")):
-        base = importlib.import_module("vllm_ascend.quantization.w4a8_dynamic")
-        utils.ASCEND_QUANTIZATION_METHOD_MAP[CONVERTED_TYPE] = {
-            "moe": _moe_scheme(base.AscendW4A8DynamicFusedMoEMethod, release),
-            "linear": _linear_scheme(base.AscendW4A8DynamicLinearMethod, release),
-        }
+    mechanism = release.mechanism
+    installed = mechanism.installed()
+    ours = [getattr(installed[kind], _MARK, False) for kind in _KINDS]
+    if not all(ours):
+        if any(ours) or any(installed[kind] is not None for kind in _KINDS):
+            raise ServingError(f"vllm-ascend {version} already has schemes for {CONVERTED_TYPE} "
+                               f"({installed}) that are not w4a8conv's; remove the other plugin")
+        base = importlib.import_module(mechanism.base_module)
+        mechanism.install({
+            "moe": _combine(_ConvertedMoE, base.AscendW4A8DynamicFusedMoEMethod, release),
+            "linear": _combine(_ConvertedLinear, base.AscendW4A8DynamicLinearMethod, release),
+        })
+    wrappers = importlib.import_module(mechanism.wrappers_module)
     for wrapper in (wrappers.AscendFusedMoEMethod, wrappers.AscendLinearMethod):
         _hand_layer_to_scheme(wrapper)
+
+
+def _combine(mixin: type, base: type, release: Release) -> type:
+    """Our scheme for this release: the mixin in front of vllm-ascend's class (whose `apply` serves)."""
+    name = mixin.__name__.lstrip("_") + "Scheme"
+    return type(name, (mixin, base), {"release": release, _MARK: True, "__module__": __name__,
+                                      "__doc__": mixin.__doc__})
 
 
 def _hand_layer_to_scheme(wrapper: type) -> None:
@@ -182,69 +263,93 @@ _MOE_PARAMS = {  # parameter -> (output of a stored expert tensor, shards: w1/w3
 }
 
 
-def _nz_cast(release: _Release, weight: torch.Tensor) -> torch.Tensor:
-    """The release's own FRACTAL_NZ cast (a device layout step: the one thing left to do on device)."""
+_EPLB_LISTS = ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale", "w13_scale_bias", "w2_scale_bias")
+
+
+def _nz_cast(release: Release, weight: torch.Tensor) -> torch.Tensor:
+    """The release's own FRACTAL_NZ cast of int32 words, applied as vllm-ascend applies it: to the int8
+    bytes (the int4 pairs its checkpoints hold), whose NZ tiling differs from an int32 cast's; the
+    result is viewed as int32 again. A device layout step: the one thing left to do on the device."""
+    return _nz_cast_int8(release, weight.view(torch.int8)).view(torch.int32)
+
+
+def _nz_cast_int8(release: Release, weight: torch.Tensor) -> torch.Tensor:
     utils = importlib.import_module("vllm_ascend.utils")
     if release.nz_cast == "format_cast":
         return importlib.import_module("torch_npu").npu_format_cast(weight, utils.ACL_FORMAT_FRACTAL_NZ)
     return getattr(utils, release.nz_cast)(weight)
 
 
-def _moe_scheme(base: type, release: _Release) -> type:
-    class ConvertedW4A8MoEScheme(base):
-        """vllm-ascend's W4A8_DYNAMIC experts (its `apply`), fed the converted tensors as stored."""
+class _ConvertedMoE:
+    """vllm-ascend's W4A8_DYNAMIC experts (its `apply`), fed the converted tensors as stored."""
 
-        def __init__(self):
-            super().__init__()
-            self.stamp = _stamp()
-            self.group_size = self.stamp["source"]["group_size"]
-            self.is_per_channel_weight = self.group_size == 0
-            if self.dynamic_eplb:
-                raise ServingError("dynamic EPLB moves experts at run time from int8 copies that a converted "
-                                   "checkpoint does not have; serve it with dynamic EPLB off")
+    release: Release  # set by `_combine`
 
-        def get_weight(self, num_experts, intermediate_size_per_partition, hidden_sizes, params_dtype):
-            e, ip, h = int(num_experts), intermediate_size_per_partition, hidden_sizes
-            return {"w13_weight": torch.empty(e, h, 2 * ip // INT4_PER_INT32, dtype=torch.int32),
-                    "w2_weight": torch.empty(e, ip, h // INT4_PER_INT32, dtype=torch.int32)}
+    def __init__(self):
+        super().__init__()
+        self.stamp = _stamp()
+        self.group_size = self.stamp["source"]["group_size"]
+        self.is_per_channel_weight = self.group_size == 0
+        if self.dynamic_eplb and not self.release.dynamic_eplb:
+            raise ServingError("dynamic EPLB: this vllm-ascend release does not move W4A8 experts (its EPLB "
+                               "refuses W4A8); serve with dynamic EPLB off")
 
-        def get_dynamic_quant_param(self, num_experts, intermediate_size_per_partition, hidden_sizes, params_dtype):
-            e, ip, h, g = int(num_experts), intermediate_size_per_partition, hidden_sizes, self.group_size
-            return {"w13_weight_scale": torch.empty(e, h // g if g else 1, 2 * ip, dtype=torch.int64),
-                    "w2_weight_scale": torch.empty(e, ip // g if g else 1, h, dtype=torch.int64),
-                    "w13_scale_bias": torch.empty(e, 2 * ip, dtype=torch.float32),
-                    "w2_scale_bias": torch.empty(e, h, dtype=torch.float32)}
+    def get_weight(self, num_experts, intermediate_size_per_partition, hidden_sizes, params_dtype):
+        e, ip, h = int(num_experts), intermediate_size_per_partition, hidden_sizes
+        return {"w13_weight": torch.empty(e, h, 2 * ip // INT4_PER_INT32, dtype=torch.int32),
+                "w2_weight": torch.empty(e, ip, h // INT4_PER_INT32, dtype=torch.int32)}
 
-        def attach(self, layer: torch.nn.Module) -> None:
-            """Check the layer against the stamp and give its parameters our loaders."""
-            name = layer.layer_name
-            prefix, record = _record(self.stamp, name.removesuffix(".experts"), "moe")
-            tp_size, tp_rank = layer.tp_size, layer.tp_rank
-            check_tp(prefix, record["intermediate"], record["group_size"], tp_size)
-            if layer.intermediate_size_per_partition * tp_size != record["intermediate"] \
-                    or layer.hidden_size != record["hidden"] or record["group_size"] != self.group_size:
-                raise ServingError(f"{name}: vLLM builds hidden {layer.hidden_size}, intermediate "
-                                   f"{layer.intermediate_size_per_partition} x TP {tp_size}, group {self.group_size}; "
-                                   f"the checkpoint holds hidden {record['hidden']}, intermediate "
-                                   f"{record['intermediate']}, group {record['group_size']}")
-            local_of = _local_experts(layer, record["num_experts"], name)
-            loads = _Loads(name)
-            for param, (output, shards) in _MOE_PARAMS.items():
-                loads.expect(param, len(local_of), len(shards))
-                getattr(layer, param).weight_loader = _expert_loader(
-                    layer_name=name, param=param, output=output, shards=shards, local_of=local_of, loads=loads,
-                    cut=functools.partial(expert_rank_part, intermediate=record["intermediate"],
-                                          group_size=record["group_size"], tp_size=tp_size, tp_rank=tp_rank))
-            layer.w4a8conv_loads = loads
+    def get_dynamic_quant_param(self, num_experts, intermediate_size_per_partition, hidden_sizes, params_dtype):
+        e, ip, h, g = int(num_experts), intermediate_size_per_partition, hidden_sizes, self.group_size
+        w13_scale = (e, h // g, 2 * ip) if g else (e, 2 * ip) if self.release.squeezed_channel_scale else (e, 1, 2 * ip)
+        return {"w13_weight_scale": torch.empty(w13_scale, dtype=torch.int64),
+                "w2_weight_scale": torch.empty(e, ip // g if g else 1, h, dtype=torch.int64),
+                "w13_scale_bias": torch.empty(e, 2 * ip, dtype=torch.float32),
+                "w2_scale_bias": torch.empty(e, h, dtype=torch.float32)}
 
-        def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-            layer.w4a8conv_loads.check()
-            del layer.w4a8conv_loads
-            for param in ("w13_weight", "w2_weight"):
-                getattr(layer, param).data = _nz_cast(release, getattr(layer, param).data)
+    def attach(self, layer: torch.nn.Module) -> None:
+        """Check the layer against the stamp and give its parameters our loaders."""
+        name = layer.layer_name
+        prefix, record = _record(self.stamp, name.removesuffix(".experts"), "moe")
+        tp_size, tp_rank = layer.tp_size, layer.tp_rank
+        check_tp(prefix, record["intermediate"], record["group_size"], tp_size)
+        if layer.intermediate_size_per_partition * tp_size != record["intermediate"] \
+                or layer.hidden_size != record["hidden"] or record["group_size"] != self.group_size:
+            raise ServingError(f"{name}: vLLM builds hidden {layer.hidden_size}, intermediate "
+                               f"{layer.intermediate_size_per_partition} x TP {tp_size}, group {self.group_size}; "
+                               f"the checkpoint holds hidden {record['hidden']}, intermediate "
+                               f"{record['intermediate']}, group {record['group_size']}")
+        if self.tp_size != tp_size:
+            raise UnsupportedSplitError(
+                f"{name}: vLLM splits the experts over {tp_size} MoE tensor-parallel ranks, while this "
+                f"vllm-ascend release shares the 16 down_proj bias chunks over its {self.release.bias_chunks_over} "
+                f"({self.tp_size} ranks), so its own loading leaves part of that bias unwritten; serve with "
+                "expert parallelism, or without data parallelism")
+        local_of = _local_experts(layer, record["num_experts"], name)
+        loads = _Loads(name)
+        for param, (output, shards) in _MOE_PARAMS.items():
+            loads.expect(param, len(local_of), len(shards))
+            getattr(layer, param).weight_loader = _expert_loader(
+                layer_name=name, param=param, output=output, shards=shards, local_of=local_of, loads=loads,
+                cut=functools.partial(expert_rank_part, intermediate=record["intermediate"],
+                                      group_size=record["group_size"], tp_size=tp_size, tp_rank=tp_rank))
+        layer.w4a8conv_loads = loads
 
-    setattr(ConvertedW4A8MoEScheme, _MARK, True)
-    return ConvertedW4A8MoEScheme
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        layer.w4a8conv_loads.check()
+        del layer.w4a8conv_loads
+        weights = {param: _nz_cast_int8(self.release, getattr(layer, param).data.view(torch.int8))
+                   for param in ("w13_weight", "w2_weight")}
+        if not self.dynamic_eplb:
+            for param, weight in weights.items():
+                getattr(layer, param).data = weight.view(torch.int32)
+            return
+        # As the release does for dynamic EPLB: per-expert copies (the weights as NZ-cast int8, which its
+        # `apply` views as int32) replace the parameters, for EPLB to move experts between ranks.
+        for param in _EPLB_LISTS:
+            tensor = weights.get(param, getattr(layer, param).data)
+            setattr(layer, f"{param}_list", [expert.clone() for expert in tensor.unbind(dim=0)])
+            delattr(layer, param)
 
 
 def _local_experts(layer: torch.nn.Module, num_experts: int, name: str) -> dict[int, int]:
@@ -276,6 +381,8 @@ def _expert_loader(*, layer_name: str, param: str, output: str, shards: tuple[st
         if len(shards) == 2:  # w13: gate's columns, then up's
             half = dest.shape[-1] // 2
             dest = dest[..., :half] if shard_id == "w1" else dest[..., half:]
+        if part.dim() == dest.dim() + 1 and part.shape[0] == 1:  # the release's squeezed per-channel scale
+            part = part.squeeze(0)
         _copy(dest, part.to(dest.device), f"{weight_name or layer_name} -> {param}[{slot}]")
         loads.mark(param, slot, shards.index(shard_id))
         return True if return_success else None
@@ -287,64 +394,63 @@ def _expert_loader(*, layer_name: str, param: str, output: str, shards: tuple[st
 # Linear layers
 
 
-def _linear_scheme(base: type, release: _Release) -> type:
-    class ConvertedW4A8LinearScheme(base):
-        """vllm-ascend's W4A8_DYNAMIC Linear (its `apply`), fed the converted tensors as stored."""
+class _ConvertedLinear:
+    """vllm-ascend's W4A8_DYNAMIC Linear (its `apply`), fed the converted tensors as stored."""
 
-        def __init__(self):
-            super().__init__()
-            self.stamp = _stamp()
-            self.group_size = self.stamp["source"]["group_size"]
-            self.bias_name = "scale_bias" if self.stamp["source"]["version"] == QuantVersion.V1.value \
-                else "weight_scale_bias"
+    release: Release  # set by `_combine`
 
-        def get_weight(self, input_size, output_size, params_dtype):
-            return {"weight": torch.empty(input_size, output_size // INT4_PER_INT32, dtype=torch.int32)}
 
-        @staticmethod
-        def get_pertensor_param(params_dtype, **_):
-            return {}
+    def __init__(self):
+        super().__init__()
+        self.stamp = _stamp()
+        self.group_size = self.stamp["source"]["group_size"]
+        self.bias_name = "scale_bias" if self.stamp["source"]["version"] == QuantVersion.V1.value \
+            else "weight_scale_bias"
 
-        @staticmethod
-        def get_perchannel_param(output_size, params_dtype, **_):
-            return {}
+    def get_weight(self, input_size, output_size, params_dtype):
+        return {"weight": torch.empty(input_size, output_size // INT4_PER_INT32, dtype=torch.int32)}
 
-        def get_pergroup_param(self, input_size, output_size, params_dtype, layer_type=None):
-            columns = 16 if layer_type == "row" and self.bias_name == "scale_bias" else 1
-            specs = linear_tensor_specs("", output_size, input_size, self.group_size, self.bias_name, columns)
-            return {param: torch.empty(shape, dtype=torch.float32)
-                    for param, (_name, (_dtype, shape)) in specs.items() if param != "weight"}
+    @staticmethod
+    def get_pertensor_param(params_dtype, **_):
+        return {}
 
-        def attach(self, layer: torch.nn.Module) -> None:
-            name = layer.prefix
-            records = [_record(self.stamp, shard, "linear")[1] for shard in _shards(layer, name)]
-            sizes = [r["out_features"] for r in records]
-            inputs = {r["in_features"] for r in records}
-            if list(getattr(layer, "output_sizes", sizes)) != sizes or inputs != {layer.input_size}:
-                raise ServingError(f"{name}: vLLM builds outputs {list(layer.output_sizes)} x input "
-                                   f"{layer.input_size}; the checkpoint holds {sizes} x {sorted(inputs)}")
-            tp_size, tp_rank = getattr(layer, "tp_size", 1), getattr(layer, "tp_rank", 0)
-            row_parallel = isinstance(layer, importlib.import_module("vllm.model_executor.layers.linear")
-                                      .RowParallelLinear)
-            _check_linear_split(name, sizes, layer.input_size, self.group_size, tp_size, row_parallel,
-                                partial_bias=self.bias_name == "weight_scale_bias",
-                                kv_heads=hasattr(layer, "num_kv_heads"))
-            local = sizes if row_parallel else [size // tp_size for size in sizes]
-            cut = functools.partial(linear_rank_part, row_parallel=row_parallel, tp_size=tp_size, tp_rank=tp_rank)
-            loads = _Loads(name)
-            for param in ("weight", "weight_scale_second", self.bias_name):
-                loads.expect(param, 1, len(sizes))
-                getattr(layer, param).weight_loader = _linear_loader(name, param, local, loads, cut)
-            layer.w4a8conv_loads = loads
+    @staticmethod
+    def get_perchannel_param(output_size, params_dtype, **_):
+        return {}
 
-        def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-            layer.w4a8conv_loads.check()
-            del layer.w4a8conv_loads
-            if release.linear_nz:
-                layer.weight.data = _nz_cast(release, layer.weight.data)
+    def get_pergroup_param(self, input_size, output_size, params_dtype, layer_type=None):
+        columns = 16 if layer_type == "row" and self.bias_name == "scale_bias" else 1
+        specs = linear_tensor_specs("", output_size, input_size, self.group_size, self.bias_name, columns)
+        return {param: torch.empty(shape, dtype=torch.float32)
+                for param, (_name, (_dtype, shape)) in specs.items() if param != "weight"}
 
-    setattr(ConvertedW4A8LinearScheme, _MARK, True)
-    return ConvertedW4A8LinearScheme
+    def attach(self, layer: torch.nn.Module) -> None:
+        name = layer.prefix
+        records = [_record(self.stamp, shard, "linear")[1] for shard in _shards(layer, name)]
+        sizes = [r["out_features"] for r in records]
+        inputs = {r["in_features"] for r in records}
+        if list(getattr(layer, "output_sizes", sizes)) != sizes or inputs != {layer.input_size}:
+            raise ServingError(f"{name}: vLLM builds outputs {list(layer.output_sizes)} x input "
+                               f"{layer.input_size}; the checkpoint holds {sizes} x {sorted(inputs)}")
+        tp_size, tp_rank = getattr(layer, "tp_size", 1), getattr(layer, "tp_rank", 0)
+        row_parallel = isinstance(layer, importlib.import_module("vllm.model_executor.layers.linear")
+                                  .RowParallelLinear)
+        _check_linear_split(name, sizes, layer.input_size, self.group_size, tp_size, row_parallel,
+                            partial_bias=self.bias_name == "weight_scale_bias",
+                            kv_heads=hasattr(layer, "num_kv_heads"))
+        local = sizes if row_parallel else [size // tp_size for size in sizes]
+        cut = functools.partial(linear_rank_part, row_parallel=row_parallel, tp_size=tp_size, tp_rank=tp_rank)
+        loads = _Loads(name)
+        for param in ("weight", "weight_scale_second", self.bias_name):
+            loads.expect(param, 1, len(sizes))
+            getattr(layer, param).weight_loader = _linear_loader(name, param, local, loads, cut)
+        layer.w4a8conv_loads = loads
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        layer.w4a8conv_loads.check()
+        del layer.w4a8conv_loads
+        if self.release.linear_nz:
+            layer.weight.data = _nz_cast(self.release, layer.weight.data)
 
 
 def _shards(layer: torch.nn.Module, prefix: str) -> list[str]:
