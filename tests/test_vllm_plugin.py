@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from w4a8conv.api import inspect
 from w4a8conv.constants import CONVERTED_TYPE, DESCRIPTION_NAME
 from w4a8conv.errors import NotConvertedError, ServingError, UnsupportedSplitError
 from w4a8conv.runtime import NpuReadyCheckpoint
@@ -538,6 +539,18 @@ def test_the_entry_point_is_declared():
     (entry,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "w4a8conv"]
     assert entry.value == "w4a8conv.runtime.vllm_ascend:register"
     assert entry.load() is plugin.register
+
+
+def test_the_stamp_names_the_serving_lines_and_the_plugin_decides_from_its_own_table(wheels, converted):
+    """The stamp records the release lines of the writing w4a8conv, inspect shows them; at load the
+    plugin's own table decides, so an output stamped before a line was added serves on it."""
+    _src, out = converted("moe-group-v1")
+    assert description(out)["w4a8conv"]["serving_releases"] == ["0.11", "0.13", "0.18", "0.23"]
+    assert inspect(out)["serving_releases"] == ["0.11", "0.13", "0.18", "0.23"]
+    older = copy.deepcopy(description(out))
+    older["w4a8conv"]["serving_releases"] = ["0.11", "0.13"]
+    layer = load_moe(out, {}, desc=older, release="0.18")[MOE]
+    assert tuple(layer.w13_weight.shape) == (8, 256, 32)
 
 
 def test_moe_tp_beyond_the_releases_bias_chunk_world_is_refused(wheels, converted):

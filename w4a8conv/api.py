@@ -12,13 +12,14 @@ from pathlib import Path
 
 from . import __version__
 from .constants import (CONVERTED_TYPE, DESCRIPTION_NAME, INDEX_NAME, LAYOUT_NAME, LAYOUT_VERSION, STAMP_KEY,
-                        TARGET_VLLM_ASCEND, Variant)
+                        Variant)
 from .engine import JOURNAL_NAME, Journal, plan_fingerprint, run_shards, source_files_identity
 from .errors import InvalidCheckpointError, OutputLocationError, UsageError, WriteError
 from .output import human_bytes
 from .plan import CopyBytes, LinearModule, MoeLayer, Plan, make_plan
 from .produce import check_small_tensors
 from .resources import ResourcePlan, estimate_resources, free_disk_bytes
+from .runtime.vllm_ascend import serving_release_lines
 from .source import TensorReader, open_source
 from .source.checkpoint import read_json
 from .transforms import LINEAR_SPECS
@@ -86,7 +87,7 @@ def build_stamp(plan: Plan, shards: list[WrittenShard], source_fingerprint: str)
     return {
         "layout": LAYOUT_NAME,
         "layout_version": LAYOUT_VERSION,
-        "vllm_ascend": TARGET_VLLM_ASCEND,
+        "serving_releases": serving_release_lines(),  # vllm-ascend lines the plugin of this w4a8conv serves
         "tool_version": __version__,
         "source": {
             "producer": source.producer,
@@ -290,7 +291,8 @@ def _inspect_converted(path: Path) -> dict:
         "path": str(path),
         "layout": f"{stamp['layout']}/{stamp['layout_version']}",
         "tool_version": stamp["tool_version"],
-        "vllm_ascend": stamp["vllm_ascend"],
+        # outputs of w4a8conv before 0.18 support recorded a version range instead
+        "serving_releases": stamp.get("serving_releases") or [stamp.get("vllm_ascend")],
         "source": stamp["source"],
         "variants": dict(variants),
         "moe_layers": [{"prefix": p, "variant": m["variant"], "experts": m["num_experts"], "hidden": m["hidden"],

@@ -228,7 +228,7 @@ def inspect(
     if info["kind"] == "converted":
         source = info["source"]
         rows += [("layout", info["layout"]), ("tool", info["tool_version"]),
-                 ("vllm-ascend", info["vllm_ascend"]),
+                 ("serving", "vllm-ascend " + ", ".join(info["serving_releases"])),
                  ("source", f"version {source['version']}, group_size {source['group_size']}, "
                             f"model dtype {source['model_dtype']}")]
     else:

@@ -5,7 +5,7 @@ from enum import Enum, IntEnum
 
 __all__ = [
     "SOURCE_TYPE", "CONVERTED_TYPE", "LAYOUT_NAME", "LAYOUT_VERSION", "STAMP_KEY",
-    "TARGET_VLLM_ASCEND", "DOWN_BIAS_CHUNKS", "INT4_PER_INT32", "QuantVersion", "Variant",
+    "DOWN_BIAS_CHUNKS", "INT4_PER_INT32", "QuantVersion", "Variant",
     "ExitCode", "DESCRIPTION_NAME", "INDEX_NAME", "SHARD_NAME",
 ]
 
@@ -15,7 +15,6 @@ CONVERTED_TYPE = "W4A8_DYNAMIC_NPU"
 LAYOUT_NAME = "w4a8conv-npu-ready"
 LAYOUT_VERSION = 2
 STAMP_KEY = "w4a8conv"
-TARGET_VLLM_ASCEND = ">=0.11.0,<0.14"
 
 # msModelSlim cuts down_proj's input dimension in 16 chunks for scale_bias; vllm-ascend gives each
 # of T MoE tensor-parallel ranks 16/T of them, so T must divide 16.

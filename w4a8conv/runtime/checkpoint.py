@@ -36,6 +36,9 @@ def stamp_problem(stamp: dict) -> str | None:
     for key in ("modules", "shards", "source"):
         if not isinstance(stamp.get(key), dict):
             return f"stamp has no {key!r} record"
+    lines = stamp.get("serving_releases", [])
+    if not (isinstance(lines, list) and all(isinstance(line, str) for line in lines)):
+        return "stamp's serving_releases is not a list of vllm-ascend release lines"
     for name, entry in stamp["shards"].items():
         if not _plain_name(name):
             return f"stamp names shard {name!r}, which is not a file name in this directory"
