@@ -118,6 +118,9 @@ ASCEND_PREPARE_FINALIZE = "vllm_ascend/ops/fused_moe/prepare_finalize.py"
 ASCEND_EPLB_UTILS = "vllm_ascend/eplb/core/eplb_utils.py"
 ASCEND_PATCH_DEEPSEEK = "vllm_ascend/patch/worker/patch_deepseekv3.py"
 METHODS_INIT = "vllm_ascend/quantization/methods/__init__.py"  # 0.14+
+ASCEND_DEEPSEEK_V4 = "vllm_ascend/models/deepseek_v4.py"  # 0.23
+MODELS_UTILS = "vllm/model_executor/models/utils.py"
+ASCEND_DEEPSEEK_V4_MTP = "vllm_ascend/models/deepseek_v4_mtp.py"
 EXPERT_MAP_MANAGER = "vllm/model_executor/layers/fused_moe/expert_map_manager.py"  # vLLM 0.23
 ASCEND_FUSED_MOE_0_23 = "vllm_ascend/ops/fused_moe/fused_moe_0_23_0.py"
 ASCEND_FUSED_MOE_COMMON = "vllm_ascend/ops/fused_moe/fused_moe.py"
@@ -355,6 +358,17 @@ def _real_class(wheel: Path, member: str, class_name: str, names: Iterable[str],
     scope = dict(namespace, __harness_base__=base)
     exec(_code_class(wheel, member, class_name, tuple(names), new_name), scope)
     return scope[new_name]
+
+
+def _real_dataclass(wheel: Path, member: str, class_name: str, namespace: dict) -> type:
+    """A real top-level dataclass, annotations kept (they declare its fields)."""
+    tree = ast.parse(_member_text(wheel, member), _filename(wheel, member))
+    node = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name), None)
+    if node is None:
+        raise HarnessUnavailable(f"{wheel.name}/{member} defines no class {class_name}")
+    scope = dict(namespace)
+    exec(compile(ast.Module(body=[node], type_ignores=[]), _filename(wheel, member), "exec"), scope)
+    return scope[class_name]
 
 
 def _literal(wheel: Path, member: str, name: str, class_name: str | None = None):
@@ -675,9 +689,13 @@ RELEASES = {
         other_schemes=(), layout="registry", ascend_source_env="W4A8CONV_VLLM_ASCEND_0_23_SDIST", ascend_sdist=True,
         linear_helpers=_LINEAR_HELPERS_0_18, merged_members=("validate_shard_id", "weight_loader"),
         expert_map_functions=((EXPERT_MAP_MANAGER, ("determine_expert_map",)),),
-        # vLLM 0.23's DeepSeek loop sits on the inner DeepseekV2Model, behind AutoWeightsLoader
+        # vLLM 0.23's DeepSeek loop sits on the inner DeepseekV2Model, behind AutoWeightsLoader; DeepSeek-V4
+        # is vllm-ascend's own model
         model_types=tuple((model_type, (DEEPSEEK, "DeepseekV2Model", "DeepseekV2ForCausalLM", True))
-                          for model_type in ("deepseek_v2", "deepseek_v3"))),
+                          for model_type in ("deepseek_v2", "deepseek_v3"))
+        + (("deepseek_v4", (ASCEND_DEEPSEEK_V4, "AscendDeepseekV4ForCausalLM", "AscendDeepseekV4ForCausalLM",
+                            False)),),
+        loaders=(("deepseek_v4", ("ascend", ASCEND_DEEPSEEK_V4, "AscendDeepseekV4ForCausalLM")),)),
 }
 
 
@@ -739,13 +757,14 @@ class ServingEnv:
     def __init__(self, description: dict, *, model_type: str = "deepseek_v3", tp_size: int = 1, tp_rank: int = 0,
                  ep_size: int = 1, ep_rank: int = 0, params_dtype: torch.dtype = torch.bfloat16,
                  release: str = DEFAULT_RELEASE):
-        if model_type not in MODEL_TYPES:
-            raise ValueError(f"model_type {model_type!r}: the harness knows {sorted(MODEL_TYPES)}")
+        self._spec = _release(release)
+        if model_type not in self._model_types():
+            raise ValueError(f"model_type {model_type!r}: the harness knows {sorted(self._model_types())} "
+                             f"for release {release}")
         if not (tp_size >= 1 and ep_size >= 1 and 0 <= tp_rank < tp_size and 0 <= ep_rank < ep_size):
             raise ValueError(f"bad split: tp {tp_rank}/{tp_size}, ep {ep_rank}/{ep_size}")
         if ep_size > 1 and tp_size != 1:
             raise ValueError("with expert parallelism this harness requires tp_size 1")
-        self._spec = _release(release)
         self.release = release
         self.description = dict(description)  # AscendQuantConfig adds keys to the dict it is given
         self.model_type = model_type
@@ -754,6 +773,9 @@ class ServingEnv:
         self.params_dtype = params_dtype
         self.quant_config = None
         self._active = False
+
+    def _model_types(self) -> dict[str, tuple[str, str, str, bool]]:
+        return {**MODEL_TYPES, **dict(self._spec.model_types)}
 
     # ---- context
 
@@ -1063,8 +1085,9 @@ class ServingEnv:
         """vLLM's configure_quant_config (the model class's packed_modules_mapping, passed by reference) and
         the model's real load_weights (vLLM's, or the one vllm-ascend patches over it)."""
         vw, aw, spec, logger = self.vllm_wheel, self.ascend_wheel, self._spec, self._logger
-        models_file, loader_class, causal_lm_class, inner = {**MODEL_TYPES, **dict(spec.model_types)}[self.model_type]
-        self.quant_config.packed_modules_mapping = _literal(vw, models_file, "packed_modules_mapping",
+        models_file, loader_class, causal_lm_class, inner = self._model_types()[self.model_type]
+        code = aw if models_file.startswith("vllm_ascend/") else vw  # vllm-ascend's own models (DeepSeek-V4)
+        self.quant_config.packed_modules_mapping = _literal(code, models_file, "packed_modules_mapping",
                                                             causal_lm_class)
         model_ns = {"__name__": f"vllm.model_executor.models.{Path(models_file).stem}", "typing": typing,
                     "torch": torch, "nn": torch.nn, "Callable": collections.abc.Callable,
@@ -1077,22 +1100,30 @@ class ServingEnv:
                     "SharedFusedMoE": type("SharedFusedMoE", (FusedMoE,), {"__module__": moe_ns["__name__"]}),
                     "get_ascend_config": lambda: self.ascend_config,
                     # (vLLM 0.18+) ROCm's fused shared experts: off on Ascend
-                    "rocm_aiter_ops": SimpleNamespace(is_fusion_moe_shared_experts_enabled=lambda: False)}
+                    "rocm_aiter_ops": SimpleNamespace(is_fusion_moe_shared_experts_enabled=lambda: False),
+                    # (DeepSeek-V4) its loops' version switch, TP split of the attention sinks, DSA context
+                    # parallelism (off)
+                    "vllm_version_is": lambda version: version == spec.vllm_version,
+                    "get_tensor_model_parallel_rank": lambda: self.tp_rank,
+                    "get_tensor_model_parallel_world_size": lambda: self.tp_size, "enable_dsa_cp": lambda: False}
         # vLLM 0.23: the mapping helper, the fp8 indexer-weight hook of the DeepSeek loop (a no-op for other
         # weights), no pipeline-parallel layers missing
         model_ns["get_pp_missing_layer_names"] = lambda model: []
-        for member, name in ((FUSED_MOE, "fused_moe_make_expert_params_mapping"),
-                             (models_file, "_try_load_fp8_indexer_wk")):
-            if any(_defined_name(node) == name for node in _tree(vw, member).body):
-                _define(vw, member, [name], model_ns)
-        if models_file == DEEPSEEK:
-            _define(vw, DEEPSEEK, ["get_spec_layer_idx_from_weight_name"], model_ns)
+        for wheel, member, name in ((vw, FUSED_MOE, "fused_moe_make_expert_params_mapping"),
+                                    (code, models_file, "_try_load_fp8_indexer_wk")):
+            if any(_defined_name(node) == name for node in _tree(wheel, member).body):
+                _define(wheel, member, [name], model_ns)
+        if models_file in (DEEPSEEK, ASCEND_DEEPSEEK_V4):
+            _define(code, models_file, ["get_spec_layer_idx_from_weight_name"], model_ns)
             methods = ["load_weights"]
         else:
             methods = ["get_expert_mapping", "load_weights"]
         where, member, class_name = dict(spec.loaders).get(self.model_type, ("vllm", models_file, loader_class))
         self._model_class = _real_class(vw if where == "vllm" else aw, member, class_name, methods, _ModelRoot,
                                         model_ns, new_name=loader_class)
+        if self.model_type == "deepseek_v4":  # its MTP layer has a loop of its own (same helper names)
+            self._mtp_class = _real_class(aw, ASCEND_DEEPSEEK_V4_MTP, "DeepSeekV4MTP",
+                                          ["load_weights", "no_mtp_block_in_name"], _ModelRoot, model_ns)
         self._inner_loader = inner
 
     def _install_ascend_registry(self, *, FusedMoE: type, moe_ns: dict, linear_ns: dict, weight_ns: dict,
@@ -1104,6 +1135,12 @@ class ServingEnv:
             "vllm.model_executor.layers.attention_layer_base",
             dict(AttentionLayerBase=type("AttentionLayerBase", (), {}))))
         sys.modules["vllm.config"].get_current_vllm_config_or_none = lambda: self.vllm_config
+        # vLLM's real WeightsMapper (0.23 maps DeepSeek-V4's native layer names with it)
+        sys.modules["vllm.model_executor.models.utils"].WeightsMapper = _real_dataclass(
+            self.vllm_wheel, MODELS_UTILS, "WeightsMapper", {
+                "__name__": "vllm.model_executor.models.utils", "dataclass": dataclasses.dataclass,
+                "field": dataclasses.field, "Mapping": collections.abc.Mapping, "Iterable": collections.abc.Iterable,
+                "Any": typing.Any, "re": re, "torch": torch})
         self._add("vllm_ascend.logger", _module("vllm_ascend.logger"))  # (0.23) imported for its log setup
         self._exec("vllm_ascend", aw, "vllm_ascend/__init__.py", package=True)
         self._exec("vllm_ascend._version", aw, "vllm_ascend/_version.py")
@@ -1284,11 +1321,12 @@ class ServingEnv:
                                           params_dtype=self.params_dtype, quant_config=self.quant_config,
                                           tp_size=tp, tp_rank=self.tp_rank)
 
-    def model(self, modules: dict[str, torch.nn.Module], **config) -> torch.nn.Module:
+    def model(self, modules: dict[str, torch.nn.Module], *, mtp: bool = False, **config) -> torch.nn.Module:
         """A module tree holding each module at its dotted prefix, with the attributes load_weights reads.
 
         `config` overrides the hf_config fields (by default: the experts of the MoE layers given,
-        num_hidden_layers from the `layers.N` prefixes, num_nextn_predict_layers=0).
+        num_hidden_layers from the `layers.N` prefixes, num_nextn_predict_layers=0). `mtp`: DeepSeek-V4's
+        MTP model, whose own load_weights takes the `mtp.0.` weights.
         """
         self._require_active()
         experts = {self._num_experts[id(m)] for m in modules.values() if isinstance(m, self._moe_class)}
@@ -1298,10 +1336,12 @@ class ServingEnv:
         layers = [int(m.group(1)) for p in modules for m in [re.search(r"(?:^|\.)layers\.(\d+)(?:\.|$)", p)] if m]
         fields = dict(model_type=self.model_type, n_routed_experts=num_experts, num_experts=num_experts,
                       num_local_experts=num_experts, num_hidden_layers=max(layers, default=-1) + 1,
-                      num_nextn_predict_layers=0)
+                      num_nextn_predict_layers=0, num_attention_heads=self.tp_size)
         fields.update(config)
         hf_config = SimpleNamespace(**fields)
-        if self._inner_loader:
+        if mtp:
+            root = self._mtp_class(hf_config, self.quant_config)
+        elif self._inner_loader:
             root = _AutoLoadedRoot()
             root.config = hf_config
             root.model = self._model_class(hf_config, self.quant_config)

@@ -263,9 +263,6 @@ _MOE_PARAMS = {  # parameter -> (output of a stored expert tensor, shards: w1/w3
 }
 
 
-_EPLB_LISTS = ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale", "w13_scale_bias", "w2_scale_bias")
-
-
 def _nz_cast(release: Release, weight: torch.Tensor) -> torch.Tensor:
     """The release's own FRACTAL_NZ cast of int32 words, applied as vllm-ascend applies it: to the int8
     bytes (the int4 pairs its checkpoints hold), whose NZ tiling differs from an int32 cast's; the
@@ -346,7 +343,7 @@ class _ConvertedMoE:
             return
         # As the release does for dynamic EPLB: per-expert copies (the weights as NZ-cast int8, which its
         # `apply` views as int32) replace the parameters, for EPLB to move experts between ranks.
-        for param in _EPLB_LISTS:
+        for param in _MOE_PARAMS:
             tensor = weights.get(param, getattr(layer, param).data)
             setattr(layer, f"{param}_list", [expert.clone() for expert in tensor.unbind(dim=0)])
             delattr(layer, param)
