@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import io
 import re
 import sys
+import tarfile
+import zipfile
 
 import pytest
 import torch
@@ -434,3 +437,40 @@ def test_013_env_installs_real_modules_and_leaves_nothing_behind(wheels_013):
     assert not _leftovers()
     with pytest.raises(ValueError, match="release"):
         serving.ServingEnv(description, release="0.12")
+
+
+# --------------------------------------------------------------------------------------------
+# The release-source cache
+
+
+def _fake_release(tmp_path, kind: str):
+    """A tiny vllm-ascend 9.9.9 archive: a wheel or an sdist, with a .py, a binary and metadata."""
+    files = {"vllm_ascend/__init__.py": b"X = 1\n", "vllm_ascend/ops/op.py": b"Y = 2\n",
+             "vllm_ascend/_C.so": b"\x7fELF", "README.md": b"readme"}
+    if kind == "wheel":
+        path = tmp_path / "vllm_ascend-9.9.9-cp311-cp311-linux_x86_64.whl"
+        with zipfile.ZipFile(path, "w") as archive:
+            for name, data in {**files, "vllm_ascend-9.9.9.dist-info/METADATA": b"Version: 9.9.9\n"}.items():
+                archive.writestr(name, data)
+        return path
+    path = tmp_path / "vllm_ascend-9.9.9.tar.gz"
+    with tarfile.open(path, "w:gz") as archive:
+        for name, data in {**files, "PKG-INFO": b"Version: 9.9.9\n"}.items():
+            info = tarfile.TarInfo(f"vllm_ascend-9.9.9/{name}")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["wheel", "sdist"])
+def test_release_sources_keep_only_the_python_files_and_the_metadata(tmp_path, monkeypatch, kind):
+    archive = _fake_release(tmp_path, kind)
+    monkeypatch.setenv(serving.SOURCES_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv("W4A8CONV_TEST_RELEASE", str(archive))
+    folder = serving.release_sources.__wrapped__("vllm-ascend", "9.9.9", sdist=kind == "sdist",
+                                                 env="W4A8CONV_TEST_RELEASE")
+    kept = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert kept == ["vllm_ascend-9.9.9.dist-info/METADATA", "vllm_ascend/__init__.py", "vllm_ascend/ops/op.py"]
+    assert serving._member_text(folder, "vllm_ascend/ops/op.py") == "Y = 2\n"
+    archive.unlink()  # a second call reads the cache, not the archive
+    assert serving.release_sources.__wrapped__("vllm-ascend", "9.9.9", env="W4A8CONV_TEST_RELEASE") == folder
