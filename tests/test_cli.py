@@ -82,8 +82,11 @@ def _untyped(root: Path) -> None:
     edit_json(root / V0_DESCRIPTION, lambda d: d.pop(f"{MOE}.experts.0.up_proj.weight_scale"))
 
 
-def _group_size_absent(root: Path) -> None:
+def _group_sizes_disagree(root: Path) -> None:
     edit_json(root / V0_DESCRIPTION, lambda d: d.pop("group_size"))
+    rewrite_tensors(root / V0_FILE, lambda t: t.update({f"{MOE}.experts.5.gate_proj.weight_scale_second":
+                                                        t[f"{MOE}.experts.5.gate_proj.weight_scale_second"]
+                                                        .repeat_interleave(2, dim=1)}))
 
 
 INVALID = {
@@ -98,9 +101,10 @@ INVALID = {
     "untyped": ("moe-group-v0", _untyped, [
         V0_DESCRIPTION, f"{MOE}.experts.0.up_proj.weight_scale",
         "tensor has no quantization type in the description"]),
-    "group-size-absent": ("moe-group-v0", _group_size_absent, [
-        V0_FILE, f"{MOE}.experts.0.gate_proj.weight_scale_second", "shape [128, 8], expected [128, 1]",
-        "group_size 256", "the description has no group_size", 'set "group_size": 32']),
+    "group-sizes-disagree": ("moe-group-v0", _group_sizes_disagree, [
+        V0_DESCRIPTION, "the description has no group_size and the shapes disagree",
+        f"{MOE}.experts.5.gate_proj.weight_scale_second means group size 16",
+        "_proj.weight_scale_second means 32"]),
 }
 
 
@@ -118,7 +122,7 @@ def runs(tmp_path_factory):
     good = src("good", "moe-channel-v0")
     ctx["good"] = good
     tasks["convert"] = [["convert", good, base / "good-out", "--json"], ["inspect", base / "good-out"]]
-    # inspect a source as JSON: group_size absent (read as 256), version absent (read as "0")
+    # inspect a source as JSON: group_size absent (256 from the shapes), version absent (read as "0")
     tasks["inspect-default-group"] = [["inspect", src("dg", "moe-group-v0-default-group"), "--json"]]
     # the README's first command, run from a directory whose examples/ is the committed one
     readme = (REPO / "README.md").read_text()
@@ -231,6 +235,9 @@ def test_inspect_source_json(runs):
     assert info["version"] == "0"
     assert info["group_size"] == 256
     assert info["group_size_given"] is False
+    assert info["group_size_from"] == "shapes"
+    assert info["warnings"] == ["quant_model_description_w4a8_dynamic.json has no group_size: group size 256 "
+                                "inferred from the weight_scale_second shapes (vllm-ascend would have used 256)"]
     assert info["description"] == "quant_model_description_w4a8_dynamic.json"
     assert (info["files"], info["index"]) == (1, None)
     assert info["model_dtype"] == "bfloat16"

@@ -55,7 +55,7 @@ __all__ = [
     "VLLM_ASCEND_VERSION", "VLLM_ASCEND_VERSIONS", "HarnessUnavailable", "find_wheel", "download_wheel",
     "module_source",
     "pack_int4_last_axis", "npu_convert_weight_to_int4pack", "npu_quantize",
-    "SourceCheckpoint", "moe_rank_tensors", "linear_tensors", "MOE_KEYS",
+    "SourceCheckpoint", "moe_rank_tensors", "linear_tensors", "with_description_keys", "MOE_KEYS",
 ]
 
 VLLM_ASCEND_VERSION = "0.11.0"
@@ -360,6 +360,20 @@ class SourceCheckpoint:
             if all(set(triple) <= projections for projections in found.values()):
                 return len(found), triple
         raise ValueError(f"{prefix}: unknown expert projection names {sorted(found[0])}")
+
+
+def with_description_keys(root: Path | str, into: Path | str, **keys) -> Path:
+    """A copy of checkpoint `root` in `into` (hard links to its files, so a converter accepts it as a
+    directory of its own) whose description also holds `keys`, e.g. the group_size a description lacks,
+    which vllm-ascend would otherwise read as 256."""
+    root, into = Path(root), Path(into)
+    into.mkdir(parents=True)
+    for path in root.iterdir():
+        if path.name.startswith("quant_model_description"):
+            (into / path.name).write_text(json.dumps({**json.loads(path.read_text()), **keys}))
+        else:
+            os.link(path, into / path.name)
+    return into
 
 
 @lru_cache(maxsize=16)

@@ -21,7 +21,7 @@ from .produce import check_small_tensors
 from .resources import ResourcePlan, estimate_resources, free_disk_bytes
 from .runtime.vllm_ascend import serving_release_lines
 from .source import TensorReader, open_source
-from .source.checkpoint import read_json
+from .source.checkpoint import DEFAULT_GROUP_SIZE, GroupSizeFrom, SourceCheckpoint, read_json
 from .transforms import LINEAR_SPECS
 from .writer import WrittenShard, assign_shards, copy_file_atomic, write_json_atomic
 
@@ -39,6 +39,7 @@ _WARNINGS = {
 class ConvertOptions:
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
     model_dtype: str | None = None  # overrides config.json's torch_dtype
+    group_size: int | None = None   # states the group size of a description that has none
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     resume: bool = False  # finish an interrupted conversion into the same directory
     force: bool = False   # replace a previous w4a8conv output in the directory
@@ -71,6 +72,13 @@ class ConvertReport:
         }
 
 
+def _source_warnings(source: SourceCheckpoint) -> list[str]:
+    if source.group_size_from is GroupSizeFrom.SHAPES:
+        return [f"{source.description_file.name} has no group_size: group size {source.group_size} inferred from "
+                f"the weight_scale_second shapes (vllm-ascend would have used {DEFAULT_GROUP_SIZE})"]
+    return []
+
+
 def _module_record(module: MoeLayer | LinearModule) -> dict:
     if isinstance(module, MoeLayer):
         return {"kind": "moe", "variant": module.variant.value, "num_experts": module.num_experts,
@@ -93,6 +101,7 @@ def build_stamp(plan: Plan, shards: list[WrittenShard], source_fingerprint: str)
             "producer": source.producer,
             "version": source.version.value,
             "group_size": source.group_size,
+            "group_size_from": source.group_size_from.value,
             "model_dtype": str(source.model_dtype).removeprefix("torch.") if source.model_dtype else None,
             "fingerprint": source_fingerprint,
         },
@@ -163,7 +172,7 @@ def convert(source: Path | str, output: Path | str, *, options: ConvertOptions |
     started = time.monotonic()
     source_root, output = Path(source), Path(output)
     phase = on_phase or (lambda _text: None)
-    src = open_source(source_root, model_dtype=options.model_dtype)
+    src = open_source(source_root, model_dtype=options.model_dtype, group_size=options.group_size)
     phase(f"validating {len(src.tensors):,} tensors in {len(src.headers):,} file(s)")
     plan = make_plan(src)
     copied = src.non_weight_files()
@@ -179,7 +188,7 @@ def convert(source: Path | str, output: Path | str, *, options: ConvertOptions |
             tensors_passed_through=len(plan.passthrough), source_bytes=resources.read_bytes,
             output_bytes=sum(s.nbytes for s in written) if written else resources.write_bytes,
             seconds=time.monotonic() - started, peak_rss_bytes=_peak_rss_bytes(), dry_run=options.dry_run,
-            warnings=[_WARNINGS[v] for v in variants if v in _WARNINGS])
+            warnings=_source_warnings(src) + [_WARNINGS[v] for v in variants if v in _WARNINGS])
 
     with TensorReader() as reader:
         check_small_tensors(plan, reader)
@@ -242,8 +251,9 @@ def _is_converted(path: Path) -> bool:
     return isinstance(parsed, dict) and STAMP_KEY in parsed
 
 
-def _inspect_source(path: Path, model_dtype: str | None, plan_for: tuple[int, int] | None) -> dict:
-    src = open_source(path, model_dtype=model_dtype)
+def _inspect_source(path: Path, model_dtype: str | None, group_size: int | None,
+                    plan_for: tuple[int, int] | None) -> dict:
+    src = open_source(path, model_dtype=model_dtype, group_size=group_size)
     plan = make_plan(src)
     resources = None
     if plan_for:
@@ -260,6 +270,7 @@ def _inspect_source(path: Path, model_dtype: str | None, plan_for: tuple[int, in
         "version": src.version.value,
         "group_size": src.group_size,
         "group_size_given": src.group_size_given,
+        "group_size_from": src.group_size_from.value,
         "model_dtype": str(src.model_dtype).removeprefix("torch.") if src.model_dtype else None,
         "variants": dict(variants),
         "moe_layers": [{"prefix": m.prefix, "variant": m.variant.value, "experts": m.num_experts,
@@ -274,7 +285,7 @@ def _inspect_source(path: Path, model_dtype: str | None, plan_for: tuple[int, in
         "converted_source_bytes": consumed_bytes,
         "converted_output_bytes": sum(t.nbytes for t in plan.tensors if not isinstance(t.recipe, CopyBytes)),
         "output_bytes": sum(t.nbytes for t in plan.tensors),
-        "warnings": [_WARNINGS[Variant(v)] for v in variants if Variant(v) in _WARNINGS],
+        "warnings": _source_warnings(src) + [_WARNINGS[Variant(v)] for v in variants if Variant(v) in _WARNINGS],
         "plan": resources,
     }
 
@@ -307,16 +318,17 @@ def _inspect_converted(path: Path) -> dict:
     }
 
 
-def inspect(path: Path | str, *, model_dtype: str | None = None, plan_for: tuple[int, int] | None = None) -> dict:
+def inspect(path: Path | str, *, model_dtype: str | None = None, group_size: int | None = None,
+            plan_for: tuple[int, int] | None = None) -> dict:
     """Describe a source checkpoint (after validating its structure) or a converted directory.
 
     `plan_for=(max_shard_bytes, workers)` adds the conversion plan (shards, bytes, memory, disk); it and
     `model_dtype` are refused (`UsageError`) for a converted directory."""
     path = Path(path)
     if not _is_converted(path):
-        return _inspect_source(path, model_dtype, plan_for)
-    if plan_for is not None or model_dtype is not None:
-        option = "--plan" if plan_for is not None else "--model-dtype"
+        return _inspect_source(path, model_dtype, group_size, plan_for)
+    if plan_for is not None or model_dtype is not None or group_size is not None:
+        option = "--plan" if plan_for is not None else "--model-dtype" if model_dtype is not None else "--group-size"
         raise UsageError(f"{path}: is already converted; {option} applies to a source checkpoint (inspect the "
                          "directory it was converted from)")
     return _inspect_converted(path)

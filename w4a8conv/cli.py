@@ -58,6 +58,9 @@ DtypeOpt = Annotated[Optional[str], typer.Option(
     "--model-dtype", callback=_model_dtype, metavar="DTYPE",
     help="Model dtype: bfloat16 (bf16), float16 (fp16, half) or float32 (fp32, float); "
          "default: config.json's torch_dtype.")]
+GroupOpt = Annotated[Optional[int], typer.Option(
+    "--group-size", min=0, help="Group size of a description that names none (checked against the shapes; "
+                                "default: inferred from them).")]
 WorkersDefault = os.cpu_count() or 1
 _IMPORTED = time.monotonic()
 
@@ -170,6 +173,7 @@ def convert(
     force: Annotated[bool, _flag("--force", help="Replace a previous w4a8conv output in OUTPUT.")] = False,
     dry_run: Annotated[bool, _flag("--dry-run", help="Validate and print the plan; write nothing.")] = False,
     model_dtype: DtypeOpt = None,
+    group_size: GroupOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -181,8 +185,8 @@ def convert(
 
     if resume and force:
         raise typer.BadParameter("--resume and --force exclude each other", param_hint="--resume/--force")
-    options = ConvertOptions(max_shard_bytes=max_shard_size, model_dtype=model_dtype, workers=workers,
-                             resume=resume, force=force, dry_run=dry_run)
+    options = ConvertOptions(max_shard_bytes=max_shard_size, model_dtype=model_dtype, group_size=group_size,
+                             workers=workers, resume=resume, force=force, dry_run=dry_run)
     with sink.progress("converting") as progress:
         report = run(source, output, options=options, on_progress=progress, on_phase=sink.phase)
     summary = {**report.summary(), "wall_seconds": round(seconds_since_process_start(), 3)}
@@ -212,6 +216,7 @@ def inspect(
     workers: Annotated[int, typer.Option(min=1, show_default="CPU cores",
                                          help="Workers the plan assumes.")] = WorkersDefault,
     model_dtype: DtypeOpt = None,
+    group_size: GroupOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -220,7 +225,8 @@ def inspect(
     _begin("inspect", "read-only", quiet=quiet, verbose=verbose, as_json=as_json)
     from .api import inspect as run
 
-    info = run(path, model_dtype=model_dtype, plan_for=(max_shard_size, workers) if plan else None)
+    info = run(path, model_dtype=model_dtype, group_size=group_size,
+               plan_for=(max_shard_size, workers) if plan else None)
     if as_json:
         sink.data(info)
         return
@@ -234,7 +240,7 @@ def inspect(
     else:
         rows += [("files", f"{info['files']} ({info['description']}, index {info['index'] or 'none'})"),
                  ("version", info["version"]),
-                 ("group_size", f"{info['group_size']}{'' if info['group_size_given'] else ' (absent: default)'}"
+                 ("group_size", f"{info['group_size']}{'' if info['group_size_given'] else ' (from ' + info['group_size_from'] + ')'}"
                                 f"{' per-channel' if info['group_size'] == 0 else ''}"),
                  ("model dtype", str(info["model_dtype"]))]
     rows.append(("variants", ", ".join(f"{v} x{n}" for v, n in info["variants"].items()) or "none"))

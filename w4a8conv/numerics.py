@@ -299,7 +299,9 @@ def check_linear(ckpt: NpuReadyCheckpoint, src: SourceCheckpoint, reader: Tensor
 
 def open_matching_source(ckpt: NpuReadyCheckpoint, source_dir: Path | str) -> SourceCheckpoint:
     """The source `ckpt` was converted from, opened as the conversion read it; refuses any other."""
-    src = open_source(source_dir, model_dtype=ckpt.stamp["source"].get("model_dtype"))
+    stated = ckpt.stamp["source"].get("group_size_from") == "option"  # --group-size: state it again
+    src = open_source(source_dir, model_dtype=ckpt.stamp["source"].get("model_dtype"),
+                      group_size=ckpt.stamp["source"]["group_size"] if stated else None)
     if src.fingerprint() != ckpt.stamp["source"]["fingerprint"]:
         raise InvalidCheckpointError("is not the checkpoint this output was converted from (source fingerprint "
                                      "differs from the stamp's)", file=source_dir)

@@ -9,10 +9,11 @@ import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass
-from .constants import CONVERTED_TYPE, DOWN_BIAS_CHUNKS, INT4_PER_INT32, SOURCE_TYPE, QuantVersion, Variant
+from .constants import (CONVERTED_TYPE, DOWN_BIAS_CHUNKS, INT4_PER_INT32, SOURCE_TYPE, STAMP_KEY, QuantVersion,
+                        Variant)
 from .errors import InvalidCheckpointError
 from .layout import MOE_OUTPUTS, linear_tensor_specs, moe_tensor_specs
-from .source.checkpoint import DEFAULT_GROUP_SIZE, MSMODELSLIM, SourceCheckpoint
+from .source.checkpoint import MSMODELSLIM, SourceCheckpoint
 from .source.compressed_tensors import COMPRESSED_TENSORS
 from .source.safetensors_file import DTYPE_SIZES, TensorRef
 from .transforms import LINEAR_SPECS, MOE_SPECS, TRANSLATIONS
@@ -26,6 +27,8 @@ __all__ = [
 PROJECTION_NAMES: tuple[tuple[str, str, str], ...] = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 _EXPERT_WEIGHT = re.compile(r"^(?P<layer>.+)\.experts\.(?P<expert>\d+)\.(?P<proj>[^.]+)\.weight$")
 _FLOAT_DTYPES = {"F32", "F16", "BF16"}
+# Offsets are only checked to be zero, by value: llm_ptq writes weight_offset_second as int64.
+_OFFSET_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8"}
 _MOE_VARIANT = {  # (producer, version, per group) -> variant
     (MSMODELSLIM, QuantVersion.V0, True): Variant.MOE_GROUP_V0,
     (MSMODELSLIM, QuantVersion.V1, True): Variant.MOE_GROUP_V1,
@@ -193,20 +196,21 @@ class _Checker:
             raise InvalidCheckpointError(f"shape {list(ref.shape)}, expected {list(shape)}{why}",
                                          file=ref.file, tensor=ref.name)
 
-    def group_columns(self, ref: TensorRef, out: int, inp: int, group: int) -> None:
+    def group_columns(self, ref: TensorRef, out: int, inp: int, group: int, dtypes: set[str]) -> None:
         """weight_scale_second must be [out, in/G] for the group size vllm-ascend will use."""
         if inp % group:
             raise InvalidCheckpointError(f"input dimension {inp} is not a multiple of group_size {group}",
                                          file=ref.file, tensor=ref.name)
         if ref.shape != (out, inp // group) and len(ref.shape) == 2 and ref.shape[0] == out and ref.shape[1]:
             implied = inp // ref.shape[1] if inp % ref.shape[1] == 0 else None
-            hint = (f"; the description has no group_size, so vllm-ascend uses {DEFAULT_GROUP_SIZE}"
-                    if not self.source.group_size_given else "")
-            if implied:
-                hint += f"; these columns mean group size {implied}: set \"group_size\": {implied}"
+            hint = f"; these columns mean group size {implied}" if implied else ""
             raise InvalidCheckpointError(f"shape {list(ref.shape)}, expected [{out}, {inp // group}] "
                                          f"for group_size {group}{hint}", file=ref.file, tensor=ref.name)
-        self.expect(ref, _FLOAT_DTYPES, (out, inp // group))
+        self.expect(ref, dtypes, (out, inp // group))
+
+
+_SCALE_AND_OFFSET_DTYPES = (("weight_scale", _FLOAT_DTYPES), ("weight_offset", _OFFSET_DTYPES))
+_SECOND_DTYPES = (("weight_scale_second", _FLOAT_DTYPES), ("weight_offset_second", _OFFSET_DTYPES))
 
 
 def _packed_rows(version: QuantVersion, out: int) -> int:
@@ -222,10 +226,11 @@ def _check_projection(check: _Checker, layer: MoeLayer, expert: int, proj: str) 
                  " (same as expert 0's)")
     for suffix, shape in spec.scales.shapes(out, inp, layer.group_size).items():
         ref = check.ref(name(suffix), module)
+        dtypes = _OFFSET_DTYPES if "offset" in suffix else _FLOAT_DTYPES
         if suffix in ("weight_scale_second", "weight_offset_second"):
-            check.group_columns(ref, out, inp, layer.group_size)
+            check.group_columns(ref, out, inp, layer.group_size, dtypes)
         else:
-            check.expect(ref, _FLOAT_DTYPES, shape)
+            check.expect(ref, dtypes, shape)
     if spec.bias_in_checkpoint:
         columns = DOWN_BIAS_CHUNKS if proj == layer.projections[2] else 1
         check.expect(check.ref(name("scale_bias"), module), _FLOAT_DTYPES, (out, columns))
@@ -277,8 +282,9 @@ def _linear(check: _Checker, prefix: str) -> LinearModule:
     source = check.source
     weight = check.ref(f"{prefix}.weight", prefix)
     if source.group_size == 0:
-        raise InvalidCheckpointError("W4A8_DYNAMIC Linear layers are served per-group only by vllm-ascend "
-                                     "0.11-0.13, and this checkpoint is per-channel (group_size 0)",
+        raise InvalidCheckpointError("per-channel (group_size 0) W4A8_DYNAMIC Linear layer: no vllm-ascend "
+                                     "release serves one (0.11 to 0.26 size its scales by group_size, later "
+                                     "lines have no W4A8 Linear), so nothing was written",
                                      file=source.description_file, tensor=weight.name)
     if len(weight.shape) != 2:
         raise InvalidCheckpointError(f"shape {list(weight.shape)} is not 2-D [out, in]", file=weight.file,
@@ -290,10 +296,10 @@ def _linear(check: _Checker, prefix: str) -> LinearModule:
     if out % INT4_PER_INT32:
         raise InvalidCheckpointError(f"output dimension {out} is not a multiple of {INT4_PER_INT32}",
                                      file=weight.file, tensor=weight.name)
-    for suffix in ("weight_scale", "weight_offset"):
-        check.expect(check.ref(f"{prefix}.{suffix}", prefix), _FLOAT_DTYPES, (out, 1))
-    for suffix in ("weight_scale_second", "weight_offset_second"):
-        check.group_columns(check.ref(f"{prefix}.{suffix}", prefix), out, inp, source.group_size)
+    for suffix, dtypes in _SCALE_AND_OFFSET_DTYPES:
+        check.expect(check.ref(f"{prefix}.{suffix}", prefix), dtypes, (out, 1))
+    for suffix, dtypes in _SECOND_DTYPES:
+        check.group_columns(check.ref(f"{prefix}.{suffix}", prefix), out, inp, source.group_size, dtypes)
     bias_columns = 1
     if "scale_bias" in LINEAR_SPECS[variant].outputs:
         bias = check.ref(f"{prefix}.scale_bias", prefix)
@@ -316,6 +322,19 @@ def _linear_outputs(module: LinearModule, model_dtype: str) -> list[OutputTensor
             for output, (name, (dtype, shape)) in specs.items()]
 
 
+def _nothing_to_convert(source: SourceCheckpoint) -> InvalidCheckpointError:
+    description = source.description
+    if STAMP_KEY in description or CONVERTED_TYPE in description.values():
+        return InvalidCheckpointError(f"already converted by w4a8conv (its description has {CONVERTED_TYPE} "
+                                      "modules or a w4a8conv stamp); convert the msModelSlim source instead; "
+                                      "nothing was written", file=source.description_file)
+    types = sorted({source.type_of(n) for n in source.tensors})
+    return InvalidCheckpointError(f"nothing to convert: no {SOURCE_TYPE} module, this is a W8A8/float export "
+                                  f"(tensor types {', '.join(types)}; model_quant_type "
+                                  f"{description.get('model_quant_type')!r}); nothing was written",
+                                  file=source.description_file)
+
+
 def make_plan(source: SourceCheckpoint) -> Plan:
     """Classify every tensor, validate structure, and lay out the output tensors in order."""
     check = _Checker(source)
@@ -330,6 +349,8 @@ def make_plan(source: SourceCheckpoint) -> Plan:
         else:
             linear_prefixes.append(name[: -len(".weight")])
 
+    if not moe and not linear_prefixes:
+        raise _nothing_to_convert(source)
     moe_layers = tuple(_moe_layer(check, prefix, moe[prefix]) for prefix in sorted(moe, key=natural_key))
     linears = tuple(_linear(check, prefix) for prefix in sorted(linear_prefixes, key=natural_key))
     if linears and source.model_dtype is None:

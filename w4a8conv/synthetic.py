@@ -5,7 +5,9 @@ Used by the examples, the tests and the benchmark; also runnable:
 
 Values are random but realistic: int4 weights in [-8, 7], positive fp32 scales that are not
 fp16-representable (so the fp16 rounding of fused scales matters), and, for version "1.0.0",
-`scale_bias` computed as msModelSlim computes it (bf16-cast scales for per-group).
+`scale_bias` computed as msModelSlim computes it (bf16-cast scales for per-group). The `llm_ptq`
+presets store what msModelSlim 26.1.0's `llm_ptq` writes: `weight_offset_second` as int64 zeros, no
+`version` / `group_size` in the old format, W4A8 attention projections.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from .constants import DOWN_BIAS_CHUNKS, SOURCE_TYPE
 from .transforms.bias import msd_bias_chunks
 from .transforms.int4 import pack_int4_to_int8_pairs
 
-__all__ = ["SyntheticSpec", "write_checkpoint", "PRESETS"]
+__all__ = ["SyntheticSpec", "write_checkpoint", "PRESETS", "LLM_PTQ"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class SyntheticSpec:
 
     version: str | None = "1.0.0"   # None: the key is absent (legacy exporters), read as "0"
     group_size: int | None = 32     # None: the key is absent (read as 256); 0: per-channel
+    describe_group_size: bool = True  # False: group_size is used but not written (old llm_ptq format)
     hidden: int = 256
     intermediate: int = 128         # per-expert moe_intermediate_size
     dense_intermediate: int = 256
@@ -39,7 +42,9 @@ class SyntheticSpec:
     moe_layers: int = 1
     w8a8_moe_layers: int = 0        # extra MoE layers exported as W8A8_DYNAMIC (mixed recipes)
     w4a8_linear: bool = False       # dense MLP and shared experts in W4A8 (else W8A8_DYNAMIC)
-    attention: bool = True          # W8A8_DYNAMIC q/k/v/o projections per layer
+    attention: bool = True          # q/k/v/o projections per layer (W8A8_DYNAMIC unless w4a8_attention)
+    w4a8_attention: bool = False    # llm_ptq quantizes the attention projections W4A8 too
+    offset_second_dtype: str = "float32"  # llm_ptq writes weight_offset_second as int64
     shared_experts: bool = True
     vocab: int = 256
     shard_bytes: int | None = None  # None: one file; else start a new shard past this many bytes
@@ -82,7 +87,8 @@ def _w4a8(spec: SyntheticSpec, gen: torch.Generator, name: str, out: int, inp: i
     if group:
         second = _scales(gen, (out, inp // group), 0.25, 4.0)
         tensors[f"{name}.weight_scale_second"] = second
-        tensors[f"{name}.weight_offset_second"] = torch.zeros(out, inp // group)
+        tensors[f"{name}.weight_offset_second"] = torch.zeros(out, inp // group,
+                                                              dtype=getattr(torch, spec.offset_second_dtype))
     if spec.version == "1.0.0":
         chunks = DOWN_BIAS_CHUNKS if row else 1
         # msModelSlim computes the per-group bias from bf16-cast scales.
@@ -136,7 +142,10 @@ def _model_tensors(spec: SyntheticSpec, sink: _Sink, gen: torch.Generator) -> No
         sink.add(_float(gen, f"{p}.input_layernorm.weight", (h,), dtype), "FLOAT")
         sink.add(_float(gen, f"{p}.post_attention_layernorm.weight", (h,), dtype), "FLOAT")
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj") if spec.attention else ():
-            sink.add(_w8a8(gen, f"{p}.self_attn.{proj}", h, h), "W8A8_DYNAMIC")
+            if spec.w4a8_attention:
+                sink.add(_w4a8(spec, gen, f"{p}.self_attn.{proj}", h, h, proj == "o_proj"), SOURCE_TYPE)
+            else:
+                sink.add(_w8a8(gen, f"{p}.self_attn.{proj}", h, h), "W8A8_DYNAMIC")
         linear_kind = SOURCE_TYPE if spec.w4a8_linear else "W8A8_DYNAMIC"
 
         def mlp(prefix: str, inter: int) -> None:
@@ -189,7 +198,7 @@ def write_checkpoint(root: Path | str, spec: SyntheticSpec = SyntheticSpec()) ->
     description: dict[str, object] = {"model_quant_type": SOURCE_TYPE}
     if spec.version is not None:
         description["version"] = spec.version
-    if spec.group_size is not None:
+    if spec.group_size is not None and spec.describe_group_size:
         description["group_size"] = spec.group_size
     description.update(sink.description)
     (root / spec.description_name).write_text(json.dumps(description, indent=2))
@@ -205,20 +214,21 @@ def write_checkpoint(root: Path | str, spec: SyntheticSpec = SyntheticSpec()) ->
 
 
 _BASE = SyntheticSpec()
+LLM_PTQ = replace(_BASE, offset_second_dtype="int64")  # what msModelSlim's llm_ptq exporter writes
 PRESETS: dict[str, SyntheticSpec] = {
     # legacy llm_ptq mindie_format: typed description name, one file, no version key
-    "moe-group-v0": replace(_BASE, version=None, description_name="quant_model_description_w8a8_dynamic.json",
+    "moe-group-v0": replace(LLM_PTQ, version=None, description_name="quant_model_description_w8a8_dynamic.json",
                             weight_name="quant_model_weight_w8a8_dynamic"),
     # legacy ascendV1 saver: shards with an index
-    "moe-group-v1": replace(_BASE, shard_bytes=500_000),
+    "moe-group-v1": replace(LLM_PTQ, shard_bytes=500_000),
     # modelslim_v1 saver: per-channel, group_size 0 always written
     "moe-channel-v1": replace(_BASE, group_size=0, shard_bytes=800_000),
     "moe-channel-v0": replace(_BASE, version="0", group_size=0),
     # group_size absent: vllm-ascend reads 256
-    "moe-group-v0-default-group": replace(_BASE, version=None, group_size=None, hidden=512, intermediate=256,
+    "moe-group-v0-default-group": replace(LLM_PTQ, version=None, group_size=None, hidden=512, intermediate=256,
                                           num_experts=4, description_name="quant_model_description_w4a8_dynamic.json"),
-    "linear-v0": replace(_BASE, version="0", w4a8_linear=True, model_dtype="float16"),
-    "linear-v1": replace(_BASE, w4a8_linear=True, shard_bytes=1_000_000),
+    "linear-v0": replace(LLM_PTQ, version="0", w4a8_linear=True, model_dtype="float16"),
+    "linear-v1": replace(LLM_PTQ, w4a8_linear=True, shard_bytes=1_000_000),
     "mixed-v1": replace(_BASE, w8a8_moe_layers=1, moe_layers=2, shard_bytes=1_500_000, projections=("w1", "w3", "w2"),
                         model_type="mixtral"),
 }

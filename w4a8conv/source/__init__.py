@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import InvalidCheckpointError
 from .checkpoint import SourceCheckpoint
 from .checkpoint import open_source as open_msmodelslim
 from .compressed_tensors import is_compressed_tensors, open_compressed_tensors
@@ -20,7 +21,13 @@ __all__ = ["SourceCheckpoint", "open_source", "TensorRef", "TensorReader", "read
 _READERS = ((is_compressed_tensors, open_compressed_tensors),)
 
 
-def open_source(root: Path | str, *, model_dtype: str | None = None) -> SourceCheckpoint:
-    """Validate a source directory of either producer; read no tensor data."""
-    reader = next((read for detect, read in _READERS if detect(root)), open_msmodelslim)
+def open_source(root: Path | str, *, model_dtype: str | None = None, group_size: int | None = None) -> SourceCheckpoint:
+    """Validate a source directory of either producer; read no tensor data. `group_size` states the group
+    size of an msModelSlim description that has none."""
+    reader = next((read for detect, read in _READERS if detect(root)), None)
+    if reader is None:
+        return open_msmodelslim(root, model_dtype=model_dtype, group_size=group_size)
+    if group_size is not None:
+        raise InvalidCheckpointError("--group-size states the group size an msModelSlim description lacks; this "
+                                     "checkpoint's config.json names its own", file=root)
     return reader(root, model_dtype=model_dtype)

@@ -2,7 +2,9 @@
 
 The three exporters write: `quant_model_description.json` or `quant_model_description_<type>.json`;
 one safetensors file, or shards with a `*.safetensors.index.json`. `version` and `group_size` are
-read as vllm-ascend 0.11 reads them: absent version -> "0", absent group_size -> 256, 0 -> per-channel.
+read as vllm-ascend 0.11 reads them: absent version -> "0", 0 -> per-channel. An absent group_size
+(the legacy `llm_ptq` exporter writes none) is taken from the `weight_scale_second` shapes, where
+vllm-ascend would assume 256; with no per-group tensor at all it stays 256.
 """
 from __future__ import annotations
 
@@ -10,16 +12,17 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import torch
 
-from ..constants import QuantVersion
+from ..constants import SOURCE_TYPE, QuantVersion
 from ..errors import InvalidCheckpointError, UsageError
 from .safetensors_file import SafetensorsHeader, TensorRef, read_header
 
-__all__ = ["SourceCheckpoint", "open_source", "read_json", "read_weight_files", "model_dtype_of", "MODEL_DTYPES",
-           "MODEL_DTYPE_ALIASES", "canonical_model_dtype", "DEFAULT_GROUP_SIZE", "MSMODELSLIM"]
+__all__ = ["SourceCheckpoint", "GroupSizeFrom", "open_source", "read_json", "read_weight_files", "model_dtype_of",
+           "MODEL_DTYPES", "MODEL_DTYPE_ALIASES", "canonical_model_dtype", "DEFAULT_GROUP_SIZE", "MSMODELSLIM"]
 
 MSMODELSLIM = "msmodelslim"
 
@@ -52,6 +55,15 @@ def read_json(file: Path) -> tuple[bytes, object]:
         raise InvalidCheckpointError("not valid JSON (nested too deeply)", file=file) from None
 
 
+class GroupSizeFrom(str, Enum):
+    """Where the group size came from (recorded in the stamp)."""
+
+    DESCRIPTION = "description"
+    SHAPES = "shapes"      # no group_size in the description: inferred from weight_scale_second
+    OPTION = "option"      # stated with --group-size (and checked against the shapes)
+    DEFAULT = "default"    # no group_size and no per-group tensor: vllm-ascend's 256
+
+
 @dataclass(frozen=True)
 class SourceCheckpoint:
     """What a source directory holds, validated; tensor data is read only through `TensorRef.load`."""
@@ -62,7 +74,7 @@ class SourceCheckpoint:
     description: dict
     version: QuantVersion
     group_size: int  # 0 = per-channel
-    group_size_given: bool
+    group_size_from: GroupSizeFrom
     model_dtype: torch.dtype | None
     index_file: Path | None
     headers: tuple[SafetensorsHeader, ...]
@@ -76,6 +88,12 @@ class SourceCheckpoint:
 
     def type_of(self, name: str) -> str:
         return self.description[name]
+
+    @property
+    def group_size_given(self) -> bool:
+        """The description itself names the group size."""
+        return self.group_size_from is GroupSizeFrom.DESCRIPTION
+
 
     @property
     def weight_files(self) -> tuple[Path, ...]:
@@ -131,12 +149,61 @@ def _parse_version(description: dict, file: Path) -> QuantVersion:
                                      tensor="version") from None
 
 
-def _parse_group_size(description: dict, file: Path) -> int:
-    raw = description.get("group_size", DEFAULT_GROUP_SIZE)
+def _parse_group_size(description: dict, file: Path) -> int | None:
+    if "group_size" not in description:
+        return None
+    raw = description["group_size"]
     if type(raw) is not int or raw < 0:
         raise InvalidCheckpointError(f"group_size {raw!r} is not a non-negative integer", file=file,
                                      tensor="group_size")
     return raw
+
+
+def _implied_group_sizes(tensors: dict[str, TensorRef], description: dict) -> dict[str, int]:
+    """weight_scale_second name -> the group size its shape implies (`in / columns`)."""
+    implied = {}
+    for name, ref in tensors.items():
+        if not name.endswith(".weight_scale_second") or description.get(name) != SOURCE_TYPE:
+            continue
+        weight = tensors.get(name[: -len("_scale_second")])
+        if weight is None or len(weight.shape) != 2 or len(ref.shape) != 2:
+            continue  # the plan names the missing or malformed tensor
+        inp, columns = weight.shape[1], ref.shape[1]
+        if not columns or inp % columns:
+            raise InvalidCheckpointError(f"{columns} group columns do not divide the input dimension {inp} of "
+                                         f"{weight.name}", file=ref.file, tensor=name)
+        implied[name] = inp // columns
+    return implied
+
+
+def _resolve_group_size(described: int | None, stated: int | None, tensors: dict[str, TensorRef],
+                        description: dict, file: Path) -> tuple[int, GroupSizeFrom]:
+    """The group size every W4A8 module uses, and where it came from; refuses disagreements."""
+    if stated is not None and stated < 0:
+        raise InvalidCheckpointError(f"--group-size {stated} is not a non-negative integer")
+    if described is not None:
+        if stated is not None and stated != described:
+            raise InvalidCheckpointError(f"--group-size {stated} disagrees with the description's group_size "
+                                         f"{described}", file=file, tensor="group_size")
+        return described, GroupSizeFrom.DESCRIPTION
+    implied = _implied_group_sizes(tensors, description)
+    values = sorted(set(implied.values()))
+    if len(values) > 1:
+        first = next(n for n, g in implied.items() if g == values[0])
+        other = next(n for n, g in implied.items() if g == values[1])
+        raise InvalidCheckpointError(f"the description has no group_size and the shapes disagree: {first} means "
+                                     f"group size {values[0]}, {other} means {values[1]}", file=file,
+                                     tensor="group_size")
+    if stated is not None:
+        if stated != (values[0] if values else 0):  # without a per-group tensor only per-channel (0) fits
+            shown = (f"{next(iter(implied))} means group size {values[0]}" if values
+                     else "no W4A8 module has a weight_scale_second, so it is per-channel (0)")
+            raise InvalidCheckpointError(f"--group-size {stated} disagrees with the shapes ({shown})", file=file,
+                                         tensor="group_size")
+        return stated, GroupSizeFrom.OPTION
+    if values:
+        return values[0], GroupSizeFrom.SHAPES
+    return DEFAULT_GROUP_SIZE, GroupSizeFrom.DEFAULT
 
 
 def model_dtype_of(root: Path, override: str | None) -> torch.dtype | None:
@@ -250,8 +317,10 @@ def read_weight_files(root: Path) -> tuple[Path | None, tuple[SafetensorsHeader,
     return index_file, headers, tensors
 
 
-def open_source(root: Path | str, *, model_dtype: str | None = None) -> SourceCheckpoint:
-    """Validate a source directory's description, index and headers; read no tensor data."""
+def open_source(root: Path | str, *, model_dtype: str | None = None, group_size: int | None = None) -> SourceCheckpoint:
+    """Validate a source directory's description, index and headers; read no tensor data.
+
+    `group_size` states the group size of a description that has none (checked against the shapes)."""
     root = Path(root)
     if not root.is_dir():
         raise InvalidCheckpointError("not a directory", file=root)
@@ -261,7 +330,7 @@ def open_source(root: Path | str, *, model_dtype: str | None = None) -> SourceCh
     if not isinstance(description, dict):
         raise InvalidCheckpointError("description is not a JSON object", file=description_file)
     version = _parse_version(description, description_file)
-    group_size = _parse_group_size(description, description_file)
+    described_group_size = _parse_group_size(description, description_file)
 
     index_file, headers, tensors = read_weight_files(root)
     for name in tensors:
@@ -269,10 +338,12 @@ def open_source(root: Path | str, *, model_dtype: str | None = None) -> SourceCh
         if not isinstance(kind, str):
             raise InvalidCheckpointError("tensor has no quantization type in the description",
                                          file=description_file, tensor=name)
+    group, group_from = _resolve_group_size(described_group_size, group_size, tensors, description,
+                                            description_file)
     checkpoint = SourceCheckpoint(
         root=root, description_file=description_file, description_bytes=description_bytes,
-        description=description, version=version, group_size=group_size,
-        group_size_given="group_size" in description, model_dtype=model_dtype_of(root, model_dtype),
+        description=description, version=version, group_size=group, group_size_from=group_from,
+        model_dtype=model_dtype_of(root, model_dtype),
         index_file=index_file, headers=headers, tensors=tensors)
     checkpoint.non_weight_files()  # refuses links that leave the directory before anything is copied
     return checkpoint

@@ -44,13 +44,13 @@ def scale_violation(scale: torch.Tensor) -> str | None:
 
 
 def zero_violation(offset: torch.Tensor) -> str | None:
-    """Offsets must be zero: the NPU kernels are symmetric and ignore them."""
-    values = _floats(offset)
-    bad = values != 0
+    """Offsets must be zero, whatever their dtype (compared by value): the NPU kernels are symmetric and
+    ignore them."""
+    bad = (offset != 0).numpy()
     if not bad.any():
         return None
     at = _first(bad)
-    return (f"non-zero offset {float(values[tuple(at)])} at {at}: asymmetric quantization is "
+    return (f"non-zero offset {offset[tuple(at)].item()} at {at}: asymmetric quantization is "
             "not served by the A8W4 kernel")
 
 
