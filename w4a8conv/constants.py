@@ -42,6 +42,8 @@ class Variant(str, Enum):
     MOE_CHANNEL_V1 = "moe-channel-v1"
     MOE_GROUP_CT = "moe-group-ct"      # compressed-tensors (llm-compressor), int4 values one per int8
     MOE_CHANNEL_CT = "moe-channel-ct"
+    # vllm-ascend's DeepSeek-V4 script: down_proj's scale_bias is one [out, 1] total, not 16 chunks
+    MOE_CHANNEL_V1_BIAS_TOTAL = "moe-channel-v1-bias-total"
     LINEAR_GROUP_V0 = "linear-group-v0"
     LINEAR_GROUP_V1 = "linear-group-v1"
 

@@ -232,7 +232,7 @@ def _check_projection(check: _Checker, layer: MoeLayer, expert: int, proj: str) 
         else:
             check.expect(ref, dtypes, shape)
     if spec.bias_in_checkpoint:
-        columns = DOWN_BIAS_CHUNKS if proj == layer.projections[2] else 1
+        columns = DOWN_BIAS_CHUNKS if proj == layer.projections[2] and not spec.down_bias_total else 1
         check.expect(check.ref(name("scale_bias"), module), _FLOAT_DTYPES, (out, columns))
 
 
@@ -261,14 +261,18 @@ def _moe_layer(check: _Checker, prefix: str, experts: dict[int, set[str]]) -> Mo
                                      tensor=(gate_scale if not gate_scale.shape else down_scale).name)
     intermediate, hidden = gate_scale.shape[0], down_scale.shape[0]
     per_group = source.group_size != 0
-    layer = MoeLayer(prefix, _MOE_VARIANT[(source.producer, source.version, per_group)], len(ids), projections,
-                     hidden, intermediate, source.group_size)
+    variant = _MOE_VARIANT[(source.producer, source.version, per_group)]
+    down_bias = source.tensors.get(f"{prefix}.experts.0.{down}.scale_bias")
+    if variant is Variant.MOE_CHANNEL_V1 and down_bias is not None and down_bias.shape == (hidden, 1):
+        variant = Variant.MOE_CHANNEL_V1_BIAS_TOTAL  # vllm-ascend's DeepSeek-V4 script writes the total only
+    layer = MoeLayer(prefix, variant, len(ids), projections, hidden, intermediate, source.group_size)
     for out in (intermediate, hidden):
         if out % INT4_PER_INT32:
             raise InvalidCheckpointError(f"output dimension {out} is not a multiple of {INT4_PER_INT32}, "
                                          "the int4 values packed per int32", file=gate_scale.file,
                                          tensor=f"{prefix}.experts")
-    if not MOE_SPECS[layer.variant].bias_in_checkpoint and intermediate % DOWN_BIAS_CHUNKS:
+    spec = MOE_SPECS[layer.variant]
+    if (not spec.bias_in_checkpoint or spec.down_bias_total) and intermediate % DOWN_BIAS_CHUNKS:
         raise InvalidCheckpointError(f"intermediate size {intermediate} does not split into the "
                                      f"{DOWN_BIAS_CHUNKS} down_proj bias chunks", file=down_scale.file,
                                      tensor=f"{prefix}.experts")

@@ -17,8 +17,8 @@ from .source.checkpoint import MODEL_DTYPES
 from .source.reader import TensorReader
 from .source.safetensors_file import TORCH_DTYPES, TensorRef
 from .transforms import LINEAR_SPECS, MOE_SPECS, TRANSLATIONS
-from .transforms.rules import (finite_violation, fp16_overflow_violation, int4_range_violation, scale_violation,
-                               zero_violation)
+from .transforms.rules import (bias_total_violation, finite_violation, fp16_overflow_violation, int4_range_violation,
+                               scale_violation, zero_violation)
 from .transforms.scales import fuse_group_scales_fp16, round_to_dtype
 
 __all__ = ["produce", "source_names", "check_small_tensors", "COPY_CHUNK_BYTES"]
@@ -72,8 +72,13 @@ def _expert(tensor: OutputTensor, recipe: ExpertTensor, reader: TensorReader,
     output = spec.outputs[recipe.output]
     is_down = recipe.proj == layer.projections[2]
     names = {s: layer.source_name(recipe.expert, recipe.proj, s) for s in output.needs}
-    piece = output.make(_load_parts(reader, tensors, names, _weight_rules(spec.packed_pairs)),
-                        DOWN_BIAS_CHUNKS if is_down else 1)
+    parts = _load_parts(reader, tensors, names, _weight_rules(spec.packed_pairs))
+    piece = output.make(parts, DOWN_BIAS_CHUNKS if is_down else 1)
+    if recipe.output == "scale_bias" and is_down and spec.down_bias_total:
+        problem = bias_total_violation(piece, parts["scale_bias"])
+        if problem:
+            ref = tensors[names["scale_bias"]]
+            raise InvalidCheckpointError(problem, file=ref.file, tensor=ref.name)
     if recipe.output == "scale_bias" and not is_down:
         piece = piece.reshape(-1)  # gate/up bias is [out]; down keeps its 16 chunks
     yield _as_bytes(piece, tensor, tensor.shape)

@@ -24,7 +24,7 @@ from .constants import DOWN_BIAS_CHUNKS, SOURCE_TYPE
 from .transforms.bias import msd_bias_chunks
 from .transforms.int4 import pack_int4_to_int8_pairs
 
-__all__ = ["SyntheticSpec", "write_checkpoint", "PRESETS", "LLM_PTQ"]
+__all__ = ["SyntheticSpec", "write_checkpoint", "PRESETS", "LLM_PTQ", "DEEPSEEK_V4_SCRIPT"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,10 @@ class SyntheticSpec:
     projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     model_dtype: str = "bfloat16"
     model_type: str = "deepseek_v3"
+    model_quant_type: str = SOURCE_TYPE
+    layout: str = "hf"              # tensor names: "hf" (model.layers.L.mlp...) or "deepseek-v4-script"
+    down_bias_chunks: int = DOWN_BIAS_CHUNKS  # "1.0.0" down_proj scale_bias columns (the V4 script writes 1)
+    mtp_layers: int = 0             # deepseek-v4-script: MoE layers under mtp.N
     seed: int = 0
     extra_files: dict[str, str] = field(default_factory=lambda: {
         "tokenizer_config.json": '{"model_max_length": 4096}\n', "generation_config.json": '{"do_sample": false}\n'})
@@ -90,7 +94,7 @@ def _w4a8(spec: SyntheticSpec, gen: torch.Generator, name: str, out: int, inp: i
         tensors[f"{name}.weight_offset_second"] = torch.zeros(out, inp // group,
                                                               dtype=getattr(torch, spec.offset_second_dtype))
     if spec.version == "1.0.0":
-        chunks = DOWN_BIAS_CHUNKS if row else 1
+        chunks = spec.down_bias_chunks if row else 1
         # msModelSlim computes the per-group bias from bf16-cast scales.
         bf16 = lambda t: t.to(torch.bfloat16).to(torch.float32) if group else t  # noqa: E731
         tensors[f"{name}.scale_bias"] = msd_bias_chunks(values, bf16(scale), None if second is None else bf16(second),
@@ -174,13 +178,38 @@ def _model_tensors(spec: SyntheticSpec, sink: _Sink, gen: torch.Generator) -> No
     sink.add(_float(gen, "lm_head.weight", (spec.vocab, h), dtype), "FLOAT")
 
 
+def _deepseek_v4_script_tensors(spec: SyntheticSpec, sink: _Sink, gen: torch.Generator) -> None:
+    """Native DeepSeek-V4 names as vllm-ascend's offline DeepSeek-V4 script writes them: no `model.` prefix,
+    `ffn`, w1/w3/w2; routed experts W4A8, shared experts and attention W8A8_DYNAMIC, MTP layers last."""
+    dtype = getattr(torch, spec.model_dtype)
+    h, inter = spec.hidden, spec.intermediate
+    sink.add(_float(gen, "embed.weight", (spec.vocab, h), dtype), "FLOAT")
+    blocks = [f"layers.{i}" for i in range(spec.moe_layers)] + [f"mtp.{i}" for i in range(spec.mtp_layers)]
+    for p in blocks:
+        sink.add(_float(gen, f"{p}.attn_norm.weight", (h,), dtype), "FLOAT")
+        for proj in ("wq", "wkv", "wo"):
+            sink.add(_w8a8(gen, f"{p}.attn.{proj}", h, h), "W8A8_DYNAMIC")
+        sink.add(_float(gen, f"{p}.ffn_norm.weight", (h,), dtype), "FLOAT")
+        sink.add(_float(gen, f"{p}.ffn.gate.weight", (spec.num_experts, h), dtype), "FLOAT")
+        for proj, (out, inp) in (("w1", (inter, h)), ("w3", (inter, h)), ("w2", (h, inter))):
+            sink.add(_w8a8(gen, f"{p}.ffn.shared_experts.{proj}", out, inp), "W8A8_DYNAMIC")
+        for e in range(spec.num_experts):
+            for proj, (out, inp) in (("w1", (inter, h)), ("w3", (inter, h)), ("w2", (h, inter))):
+                sink.add(_w4a8(spec, gen, f"{p}.ffn.experts.{e}.{proj}", out, inp, proj == "w2"), SOURCE_TYPE)
+    sink.add(_float(gen, "norm.weight", (h,), dtype), "FLOAT")
+    sink.add(_float(gen, "head.weight", (spec.vocab, h), dtype), "FLOAT")
+
+
+_LAYOUTS = {"hf": _model_tensors, "deepseek-v4-script": _deepseek_v4_script_tensors}
+
+
 def write_checkpoint(root: Path | str, spec: SyntheticSpec = SyntheticSpec()) -> Path:
     """Write a synthetic checkpoint into `root` (created; must not exist or be empty)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(spec.seed)
     sink = _Sink(root, spec, spec.shard_bytes or 2**62)
-    _model_tensors(spec, sink, gen)
+    _LAYOUTS[spec.layout](spec, sink, gen)
     sink.flush()
     count = len(sink.written)
     single = count == 1 and not spec.index
@@ -195,7 +224,7 @@ def write_checkpoint(root: Path | str, spec: SyntheticSpec = SyntheticSpec()) ->
         (root / f"{spec.weight_name}.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": sum((root / f).stat().st_size for f in set(weight_map.values()))},
              "weight_map": weight_map}, indent=2))
-    description: dict[str, object] = {"model_quant_type": SOURCE_TYPE}
+    description: dict[str, object] = {"model_quant_type": spec.model_quant_type}
     if spec.version is not None:
         description["version"] = spec.version
     if spec.group_size is not None and spec.describe_group_size:
@@ -232,6 +261,13 @@ PRESETS: dict[str, SyntheticSpec] = {
     "mixed-v1": replace(_BASE, w8a8_moe_layers=1, moe_layers=2, shard_bytes=1_500_000, projections=("w1", "w3", "w2"),
                         model_type="mixtral"),
 }
+
+# vllm-ascend's DeepSeek-V4 offline script (quantize.py, W4A8 config): per-channel "1.0.0" experts whose
+# w2 scale_bias is the [out, 1] total, model_quant_type W8A8_DYNAMIC, native names, an MTP layer. Not a
+# preset: vllm-ascend itself cannot load the [out, 1] w2 bias, so the comparisons use its msModelSlim form.
+DEEPSEEK_V4_SCRIPT = replace(_BASE, group_size=0, layout="deepseek-v4-script", down_bias_chunks=1,
+                             model_quant_type="W8A8_DYNAMIC", model_type="deepseek_v4", projections=("w1", "w3", "w2"),
+                             num_experts=4, moe_layers=2, mtp_layers=1, shard_bytes=600_000)
 
 
 def main(argv: list[str] | None = None) -> None:

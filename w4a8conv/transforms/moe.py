@@ -80,6 +80,7 @@ class MoeSpec:
     outputs: Mapping[str, Output]  # "weight" int32 [in, out/8], "weight_scale" int64 [in/G or 1, out],
     #                                "scale_bias" fp32 [out, chunks]
     scales: ScaleLayout
+    down_bias_total: bool = False  # the checkpoint's down_proj scale_bias is [out, 1], the chunks' sum
 
     @property
     def per_group(self) -> bool:
@@ -132,6 +133,14 @@ def _channel_bias(parts: Parts, chunks: int) -> torch.Tensor:
     return msd_bias_chunks(parts["weight"], parts["weight_scale"], None, chunks)
 
 
+def _channel_bias_from_pairs(parts: Parts, chunks: int) -> torch.Tensor:
+    """gate/up: the checkpoint's bias; down: its 16 chunk sums recomputed from the packed integers (the
+    checkpoint holds only their total, which `produce` checks them against)."""
+    if chunks == 1:
+        return _checkpoint_bias(parts, chunks)
+    return msd_bias_chunks(unpack_int8_pairs_to_int4(parts["weight"], dim=0), parts["weight_scale"], None, chunks)
+
+
 _VALUES = Output(("weight",), _weight_from_values)
 _PAIRS = Output(("weight",), _weight_from_pairs)
 _GROUP_SCALE = Output(("weight_scale", "weight_scale_second"), _group_scale)
@@ -157,4 +166,10 @@ MOE_SPECS: dict[Variant, MoeSpec] = {
         "scale_bias": Output(("weight", "weight_scale"), _unfused_group_bias)}, COMPRESSED_GROUP),
     Variant.MOE_CHANNEL_CT: MoeSpec(False, {
         "weight": _VALUES, "weight_scale": _CHANNEL_SCALE, "scale_bias": _CHANNEL_BIAS}, COMPRESSED_CHANNEL),
+    # vllm-ascend cannot serve a [out, 1] down_proj bias (0.18 fails to load it, 0.23 leaves 15 of 16
+    # columns unset); the chunks it needs are recomputed, so the converted model serves correctly.
+    Variant.MOE_CHANNEL_V1_BIAS_TOTAL: MoeSpec(True, {
+        "weight": _PAIRS, "weight_scale": _CHANNEL_SCALE,
+        "scale_bias": Output(("weight", "weight_scale", "scale_bias"), _channel_bias_from_pairs)},
+        MSMODELSLIM_CHANNEL, down_bias_total=True),
 }

@@ -11,7 +11,9 @@ import torch
 from .int4 import INT4_MAX, INT4_MIN
 
 __all__ = ["int4_range_violation", "scale_violation", "zero_violation", "fp16_overflow_violation",
-           "finite_violation"]
+           "finite_violation", "bias_total_violation", "BIAS_TOTAL_TOLERANCE"]
+
+BIAS_TOTAL_TOLERANCE = 1e-5  # of max |total|: fp32 sums of the same terms in another order
 
 
 def _first(bad: np.ndarray) -> list[int]:
@@ -68,3 +70,17 @@ def fp16_overflow_violation(fused: torch.Tensor) -> str | None:
     if not bad.any():
         return None
     return f"fused scale at {_first(bad)} overflows fp16 (|scale x scale_second| > 65504)"
+
+
+def bias_total_violation(chunks: torch.Tensor, total: torch.Tensor) -> str | None:
+    """Recomputed chunk sums [N, 16] must add up to the checkpoint's total [N, 1] (same integers, same scales)."""
+    got = chunks.double().sum(dim=1).numpy()
+    want = total.double().reshape(-1).numpy()
+    error = np.abs(got - want)
+    limit = BIAS_TOTAL_TOLERANCE * float(np.abs(want).max(initial=0.0))
+    bad = ~(error <= limit)  # NaN is bad too
+    if not bad.any():
+        return None
+    row = int(np.argmax(bad))
+    return (f"scale_bias total {want[row]:.9g} at [{row}, 0] is not the sum {got[row]:.9g} of the 16 chunk biases "
+            f"recomputed from the weight and weight_scale (tolerance {limit:.3g})")
