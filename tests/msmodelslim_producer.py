@@ -3,8 +3,9 @@
 The environment is a venv under ~/.cache/w4a8conv/producers/ holding msModelSlim (installed `--no-deps`)
 and what it imports, with transformers 4.57 (the line its model adapters are written for; 5.x fuses
 Qwen3-MoE experts into 3-D parameters). torch, numpy and safetensors come from the project's own
-environment through a `.pth` file, so the cold install downloads no second torch. An environment is used
-only once its marker file, written last, names the same requirements and base.
+environment through a `.pth` file (pointed at the environment running the tests each time), so the cold
+install downloads no second torch. An environment is used only once its marker file, written last, names
+the same requirements.
 
 Exports are written by tests/msmodelslim_produce.py inside that environment and cached under
 ~/.cache/w4a8conv/msmodelslim-exports/<key>/, the key hashing the producer script and the requirements,
@@ -55,25 +56,27 @@ def _python(env: Path) -> Path:
     return env / "bin" / "python"
 
 
+def _base_pth(env: Path) -> Path:
+    return next((env / "lib").glob("python3*/site-packages")) / "w4a8conv-base.pth"
+
+
 def environment() -> Path:
     """The producer venv's python, installed on first use (about 3 minutes, ~170 MB downloaded)."""
     env = Path(os.environ.get("W4A8CONV_MSMODELSLIM_ENV") or CACHE / "producers" / f"msmodelslim-{MSMODELSLIM_VERSION}")
     base = sysconfig.get_paths()["purelib"]
-    wanted = {"msmodelslim": MSMODELSLIM_VERSION, "requirements": list(REQUIREMENTS), "base": base,
-              "python": sys.version.split()[0]}
+    wanted = {"msmodelslim": MSMODELSLIM_VERSION, "requirements": list(REQUIREMENTS), "python": sys.version.split()[0]}
     marker = env / MARKER
     try:
         if json.loads(marker.read_text()) == wanted and _python(env).exists():
+            _base_pth(env).write_text(base + "\n")  # torch from whichever project environment runs the tests
             return _python(env)
     except (OSError, ValueError):
         pass
     shutil.rmtree(env, ignore_errors=True)
     env.parent.mkdir(parents=True, exist_ok=True)
     _run([sys.executable, "-m", "venv", str(env)], "creating the msModelSlim venv", 300)
-    purelib = _run([str(_python(env)), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                   "locating the venv's site-packages", 60).stdout.strip()
     # torch & co. from the project's environment; the venv's own packages come first on sys.path
-    Path(purelib, "w4a8conv-base.pth").write_text(base + "\n")
+    _base_pth(env).write_text(base + "\n")
     pip = [str(_python(env)), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     _run(pip + ["--no-deps", f"msmodelslim=={MSMODELSLIM_VERSION}"], "pip install msmodelslim", 900)
     _run(pip + list(REQUIREMENTS), "pip install msModelSlim's imports", 1800)

@@ -470,7 +470,9 @@ def linear_tensors(root: Path | str, prefix: str, version: str = VLLM_ASCEND_VER
     with the module of vllm-ascend `version`."""
     _check_version(version)
     source = _source(str(Path(root).resolve()))
-    stored = source.under(prefix + ".")
+    # the quant method's tensors only: a float `bias` (Qwen2's q/k/v) belongs to the Linear layer itself
+    stored = {suffix: tensor for suffix, tensor in source.under(prefix + ".").items()
+              if source.description.get(f"{prefix}.{suffix}") == "W4A8_DYNAMIC"}
     if "weight" not in stored or "weight_scale" not in stored:
         raise ValueError(f"{prefix}: no W4A8_DYNAMIC Linear tensors in {source.root}")
     module = _load_module(find_wheel(version), source.quant_items, 1, 1, False, version)
