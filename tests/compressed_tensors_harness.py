@@ -44,7 +44,8 @@ from safetensors import safe_open
 
 import vllm_ascend_harness as base
 
-__all__ = ["VERSION", "find_wheel", "moe_rank_tensors", "w8a8_linear_tensors", "quant_method_for_config"]
+__all__ = ["VERSION", "find_wheel", "moe_rank_tensors", "w8a8_linear_tensors", "quant_method_for_config",
+           "linear_parameters"]
 
 VERSION = "0.23.0"
 WHEEL_ENV = "W4A8CONV_VLLM_ASCEND_0_23_WHEEL"
@@ -339,6 +340,19 @@ def quant_method_for_config(root: Path | str, layer_kind: str, prefix: str):
         layer = FusedMoE() if layer_kind == "moe" else ColumnParallelLinear()
         layer.moe_config = None
         return sandbox.config(quant).get_quant_method(layer, prefix)
+
+
+def linear_parameters(root: Path | str, prefix: str, out_features: int, in_features: int) -> tuple[str, dict]:
+    """(scheme class name, {parameter: (dtype, shape)}) that vllm-ascend 0.23.0 creates for the Linear layer
+    `prefix` of the compressed-tensors checkpoint at `root` (TP 1, bf16)."""
+    quant = _Checkpoint(Path(root)).config["quantization_config"]
+    with _Sandbox(find_wheel(), 1, False) as sandbox:
+        layer = ColumnParallelLinear()
+        method = sandbox.config(quant).get_quant_method(layer, prefix)
+        method.create_weights(layer, in_features, [out_features], in_features, out_features, torch.bfloat16,
+                              weight_loader=None)
+        return (type(method.quant_method).__name__,
+                {name: (p.dtype, tuple(p.shape)) for name, p in layer.named_parameters()})
 
 
 def moe_rank_tensors(root: Path | str, prefix: str, tp_size: int = 1, tp_rank: int = 0, ep_size: int = 1,

@@ -205,6 +205,17 @@ def test_verify_source_numerics_cli(name, quantized, converted_ct):
     assert len(report["numerics"]) == len(LAYERS) and all(layer["ok"] for layer in report["numerics"])
 
 
+def test_no_release_serves_a_compressed_tensors_w4a8_linear(quantized):
+    """The example's regexes make a DeepSeek shared expert / dense MLP W4A8 as a Linear layer. vllm-ascend
+    0.23.0's config gives it the msModelSlim W4A8_DYNAMIC Linear scheme, whose parameters have no place for
+    llm-compressor's per-group weight_scale: what w4a8conv refuses (tests/test_compressed_tensors.py)."""
+    prefix = "model.layers.0.mlp.shared_expert.gate_proj"  # matched by the recipe's re:.*gate_proj.*
+    scheme, params = harness.linear_parameters(quantized("qwen3-group"), prefix, 512, 256)
+    assert scheme == "AscendW4A8DynamicLinearMethod"
+    assert params["weight_scale"][1] == (512, 1) != (512, 256 // 128)  # llm-compressor's [out, in/G]
+    assert "weight_scale_second" in params and "weight_offset" in params
+
+
 def test_mixtral_experts_are_refused_naming_the_loader(quantized, tmp_path):
     """llm-compressor keeps Hugging Face's gate/up/down names for Mixtral; vLLM's Mixtral loader maps w1/w3/w2."""
     source = quantized("mixtral-group")
