@@ -226,3 +226,23 @@ def test_mixtral_experts_are_refused_naming_the_loader(quantized, tmp_path):
     assert "model.layers.0.block_sparse_moe.experts.0." in result.stderr
     assert not (tmp_path / "out").exists()
 
+
+
+@pytest.mark.parametrize("release", ["0.11", "0.13"])
+@pytest.mark.parametrize("name", ("qwen3-group", "qwen3-channel"))
+def test_the_plugin_serves_the_output_as_vllm_ascend_0_23_serves_the_source(name, release, quantized, converted_ct):
+    """The same plugin serves a converted compressed-tensors checkpoint: loaded through vLLM's qwen3_moe loop
+    and vllm-ascend 0.11 / 0.13's own config (tests/vllm_serving_harness.py), every rank holds what
+    vllm-ascend 0.23.0 builds from the llm-compressor source on its compressed-tensors path."""
+    import test_vllm_plugin as plugin_tests
+    from test_vllm_serving_harness import _rank_splits
+
+    source, output = quantized(name), converted_ct(name)
+    for tp, ep in SPLITS:
+        for split in _rank_splits(tp, ep):
+            for prefix, layer in plugin_tests.load_moe(output, split, release=release).items():
+                want = harness.moe_rank_tensors(source, prefix.removesuffix(".experts"), **split)
+                for key, value in want.items():
+                    got = getattr(layer, key).data
+                    got = got.reshape(value.shape) if key == "w13_weight_scale" else got
+                    assert torch.equal(got, value), f"{name} {release} {prefix} {split}: {key}"
