@@ -5,13 +5,18 @@ that conflict with each other and with the project's own environment (llm-compre
 transformers 5.x). Each gets its own virtual environment under the cache, created once and reused. The
 environments see the project environment's packages (torch above all, a large wheel already installed)
 through a `.pth` file placed after their own site-packages, so pip installs only what the producer adds
-or pins differently; the project environment itself is never changed.
+or pins differently; the project environment itself is never changed. An environment belongs to one
+project environment (its directory name carries a hash of that environment's path), so test runs from
+several clones never rebuild each other's; a file lock serialises runs that build the same one.
 
 Environment:
   W4A8CONV_PRODUCER_CACHE   where the environments live (default ~/.cache/w4a8conv/producers)
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -22,7 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ProducerEnv", "ProducerUnavailable", "ensure_env", "run_python", "cache_root", "directory_bytes"]
+__all__ = ["ProducerEnv", "ProducerUnavailable", "ensure_env", "run_python", "cache_root", "directory_bytes",
+           "locked"]
 
 CACHE_ENV = "W4A8CONV_PRODUCER_CACHE"
 DEFAULT_CACHE = Path.home() / ".cache" / "w4a8conv" / "producers"
@@ -52,12 +58,29 @@ class ProducerEnv:
 
     def base_paths(self) -> list[Path]:
         """Site-packages this environment sees after its own: its base environment's, then the project's."""
-        own = [] if self.layered_on is None else [_purelib(cache_root() / self.layered_on.name)]
+        own = [] if self.layered_on is None else [_purelib(self.layered_on.directory)]
         return own + [Path(sysconfig.get_paths()["purelib"])]
+
+    @property
+    def directory(self) -> Path:
+        project = hashlib.sha256(sysconfig.get_paths()["purelib"].encode()).hexdigest()[:8]
+        return cache_root() / f"{self.name}-{project}"
 
 
 def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """An exclusive lock on `path` (created) for the duration of the block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _python(env_dir: Path) -> Path:
@@ -89,7 +112,12 @@ def ensure_env(spec: ProducerEnv) -> tuple[Path, dict]:
     the install (seconds and bytes added, 0 when it was cached)."""
     if spec.layered_on is not None:
         ensure_env(spec.layered_on)
-    env_dir = cache_root() / spec.name
+    env_dir = spec.directory
+    with locked(env_dir.with_name(f".{env_dir.name}.lock")):
+        return _ensure(spec, env_dir)
+
+
+def _ensure(spec: ProducerEnv, env_dir: Path) -> tuple[Path, dict]:
     ready = env_dir / READY
     if ready.is_file():
         try:
@@ -99,7 +127,6 @@ def ensure_env(spec: ProducerEnv) -> tuple[Path, dict]:
             pass
     started = time.monotonic()
     shutil.rmtree(env_dir, ignore_errors=True)
-    env_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True,
                        capture_output=True, timeout=300)

@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 import compressed_tensors_harness as harness
-from producer_envs import ProducerEnv, ProducerUnavailable, cache_root, ensure_env, run_python
+from producer_envs import ProducerEnv, ProducerUnavailable, cache_root, ensure_env, locked, run_python
 from robustness_support import run_cli
 from w4a8conv.api import convert
 from w4a8conv.constants import ExitCode
@@ -68,13 +68,14 @@ def producers() -> dict:
 def _cached_dir(key: str, build) -> Path:
     """A cached fixture directory, built into a temporary sibling and renamed when complete."""
     folder = cache_root() / "fixtures" / key
-    if not (folder / "config.json").is_file():
-        partial = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        build(partial)
-        shutil.rmtree(folder, ignore_errors=True)
-        partial.rename(folder)
+    with locked(folder.with_name(f".{key}.lock")):
+        if not (folder / "config.json").is_file():
+            partial = folder.with_name(folder.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+            build(partial)
+            shutil.rmtree(folder, ignore_errors=True)
+            partial.rename(folder)
     return folder
 
 
