@@ -8,9 +8,11 @@ and stderr). docs/reliability.md lists every case.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -611,6 +613,98 @@ def _(c):
 @case("q-linear-no-model-dtype", "v1-linear", INVALID, "{src}/config.json", "pass --model-dtype")
 def _(c):
     edit_json(c.src / "config.json", lambda d: d.pop("torch_dtype"))
+
+
+# -- parser limits: integers past Python's int-string limit, non-ASCII digits, surrogates, sizes ---------
+
+BIG_INT = "9" * (sys.get_int_max_str_digits() + 1)  # json.loads refuses it; json.dumps cannot write it
+
+
+def with_big_int(path: Path, old: str, new: str) -> None:
+    """Replace text `old` in a JSON file by `new`, with {big} standing for BIG_INT."""
+    text = path.read_text()
+    assert old in text, (path, old)
+    path.write_text(text.replace(old, new.replace("{big}", BIG_INT), 1))
+
+
+def big_int_header(path: Path) -> None:
+    header, data = read_raw(path)
+    header["__metadata__"] = {"format": "pt", "note": "@@"}
+    write_raw(path, json.dumps(header).encode().replace(b'{"format": "pt", "note": "@@"}',
+                                                        b'{"format": "pt", "count": ' + BIG_INT.encode() + b'}'), data)
+
+
+@case("lim-int-past-limit-description", "v1", INVALID, "{src}/" + DESCRIPTION,
+      f"not valid JSON (an integer of more than {sys.get_int_max_str_digits()} digits)")
+def _(c):
+    with_big_int(c.src / DESCRIPTION, '"version"', '"padding": {big}, "version"')
+
+
+@case("lim-int-past-limit-header", "v1", INVALID, "{src}/" + WEIGHTS, "header is not valid JSON (an integer of more "
+      "than", cli=True)
+def _(c):
+    big_int_header(W(c))
+
+
+@case("lim-int-past-limit-index", "v1-sharded", INVALID, "{src}/" + INDEX, "not valid JSON (an integer of more than")
+def _(c):
+    with_big_int(c.src / INDEX, '"total_size": ', '"total_size": {big}, "was": ')
+
+
+@case("lim-int-past-limit-config", "v1", INVALID, "{src}/config.json", "not valid JSON (an integer of more than")
+def _(c):
+    with_big_int(c.src / "config.json", '"hidden_size": ', '"hidden_size": {big}, "was": ')
+
+
+@case("lim-expert-id-past-limit", "v1", INVALID, "{src}/" + DESCRIPTION, "expert id 999999999999...9999 (4301 "
+      "characters) has more than 18 digits")
+def _(c):
+    name = f"{MOE}.experts.{BIG_INT[:-1]}9.gate_proj.weight"
+    rewrite_tensors(W(c), lambda t: t.update({name: torch.zeros(16, 64, dtype=torch.int8)}))
+    edit_json(c.src / DESCRIPTION, lambda d: d.update({name: "W4A8_DYNAMIC"}))
+
+
+@case("lim-desc-key-non-ascii-digit", "v1", INVALID, "{src}/" + DESCRIPTION, "model.layers.\u00b2.mlp.gate.weight",
+      "name holds the non-ASCII digit '\u00b2' (U+00B2); layer and expert numbers must be ASCII digits")
+def _(c):
+    """A superscript two: str.isdigit() says yes, int() says no (this used to crash after every shard)."""
+    edit_json(c.src / DESCRIPTION, lambda d: d.update({"model.layers.\u00b2.mlp.gate.weight": "FLOAT"}))
+
+
+@case("lim-expert-id-non-ascii", "v1", INVALID, "{src}/" + DESCRIPTION, f"{MOE}.experts.\u0663.gate_proj.weight",
+      "non-ASCII digit '\u0663' (U+0663)")
+def _(c):
+    """An Arabic-Indic three: int() reads it as 3, so it would be a second expert 3."""
+    name = f"{MOE}.experts.\u0663.gate_proj.weight"
+    rewrite_tensors(W(c), lambda t: t.update({name: torch.zeros(16, 64, dtype=torch.int8)}))
+    edit_json(c.src / DESCRIPTION, lambda d: d.update({name: "W4A8_DYNAMIC"}))
+
+
+@case("lim-tensor-name-surrogate", "v1", INVALID, "{src}/" + WEIGHTS,
+      "tensor name 'lm_head\\ud800' is not valid Unicode (a lone surrogate)")
+def _(c):
+    edit_header(W(c), lambda h: h.update({"lm_head\ud800": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}}))
+
+
+@case("lim-dim-past-int64", "v1", INVALID, "{src}/" + WEIGHTS, "empty",
+      f"shape [0, {2**63}] is not a list of non-negative integers below 2^63")
+def _(c):
+    """A zero next to a huge dimension is zero bytes, but no torch tensor can have that shape."""
+    edit_header(W(c), lambda h: h.update({"empty": {"dtype": "F32", "shape": [0, 2**63], "data_offsets": [0, 0]}}))
+
+
+@case("lim-intermediate-zero", "v1", INVALID, "{src}/" + WEIGHTS, expert(0, "gate_proj", "weight_scale"),
+      "intermediate size 0 (from [0, 1]): a W4A8 module needs non-zero dimensions")
+def _(c):
+    def change(t):
+        for name in [n for n in t if n.startswith(f"{MOE}.experts.")]:
+            shape = list(t[name].shape)
+            if ".down_proj." in name and (name.endswith(".weight") or name.endswith("_second")):
+                shape[1] = 0  # the input dimension of down_proj is the intermediate size
+            elif ".down_proj." not in name:
+                shape[0] = 0
+            t[name] = torch.zeros(shape, dtype=t[name].dtype)
+    rewrite_tensors(W(c), change)
 
 
 # -- environment: the output location -----------------------------------------------------------------

@@ -499,10 +499,78 @@ def test_runtime_and_verify_report_malformed_records_as_errors(damaged, damage):
         NpuReadyCheckpoint.open(damaged).moe_layer(MOE)
 
 
+def _same_size_shards(out: Path) -> tuple[Path, Path]:
+    by_size: dict[int, list[Path]] = {}
+    for path in sorted(out.glob("*.safetensors")):
+        by_size.setdefault(path.stat().st_size, []).append(path)
+    return next(tuple(paths[:2]) for paths in by_size.values() if len(paths) >= 2)
+
+
+def test_runtime_refuses_two_swapped_shards_of_the_same_size(damaged):
+    first, second = _same_size_shards(damaged)
+    blob = first.read_bytes()
+    first.write_bytes(second.read_bytes())
+    second.write_bytes(blob)
+    error = _refused(damaged)
+    assert isinstance(error, NotConvertedError), error
+    assert f"{first}: holds other tensors than the index maps to it" in str(error)
+    run = run_main("verify", damaged)
+    assert run.returncode == ExitCode.VERIFY_FAILED and "Traceback" not in run.stderr, run.describe()
+
+
+TRUNCATE_AFTER_OPEN = """
+import os, sys
+from w4a8conv.errors import NotConvertedError
+from w4a8conv.runtime import NpuReadyCheckpoint
+ckpt = NpuReadyCheckpoint.open(sys.argv[1])
+names = [n for n, f in ckpt.weight_map.items() if f == sys.argv[2]]
+ckpt.tensor(names[0])  # the shard is open now
+os.truncate(os.path.join(sys.argv[1], sys.argv[2]), ckpt.stored(names[-1]).offset)
+try:
+    ckpt.tensor(names[-1])
+except NotConvertedError as exc:
+    print("refused:", exc)
+"""
+
+
+def test_runtime_shard_truncated_after_it_was_opened_is_an_error_not_sigbus(damaged):
+    """A mapping of a file that shrank kills the process with SIGBUS at the next access; positional
+    reads see the end of the file. Run in a subprocess so that a SIGBUS would be the test's failure."""
+    shard_file = _moe_shard(damaged)
+    proc = subprocess.run([sys.executable, "-c", TRUNCATE_AFTER_OPEN, str(damaged), shard_file.name],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr)
+    assert f"refused: {shard_file}: the file ends at byte" in proc.stdout, proc.stdout
+    assert "truncated after it was checked" in proc.stdout
+
+
+def test_plugin_checks_the_shards_on_disk_before_vllm_maps_them(damaged, monkeypatch):
+    """The plugin's schemes check every shard's size and header against the stamp (through the runtime's
+    check) once per process, before vLLM reads a tensor; a changed shard is a NotConvertedError naming it."""
+    from types import ModuleType, SimpleNamespace
+
+    from w4a8conv.runtime import vllm_ascend
+
+    shard_file = _moe_shard(damaged)
+    with open(shard_file, "ab") as f:
+        f.write(b"\0" * 8)
+    description = json.loads((damaged / DESCRIPTION_NAME).read_text())
+    config = SimpleNamespace(quant_config=SimpleNamespace(quant_description=description),
+                             model_config=SimpleNamespace(model=str(damaged)))
+    fake = ModuleType("vllm.config")
+    fake.get_current_vllm_config = lambda: config
+    monkeypatch.setitem(sys.modules, "vllm.config", fake)
+    vllm_ascend._check_shards_on_disk.cache_clear()
+    with pytest.raises(NotConvertedError, match="the stamp records .*: the file changed since") as caught:
+        vllm_ascend._stamp()
+    assert str(shard_file) in str(caught.value)
+
+
 def test_reliability_doc_lists_every_fault():
     doc = (REPO / "docs" / "reliability.md").read_text()
     others = ["disk-free-precheck", "resume-changed-description", "resume-changed-tensor-data",
               "resume-unreadable-journal", "resume-other-options", "rt-truncated-shard", "rt-garbage-header",
               "rt-tampered-hash", "rt-foreign-layout", "rt-future-layout-version", "rt-shard-outside", "rt-split",
-              "rt-stamp-disagrees", "rt-malformed-records"]
+              "rt-stamp-disagrees", "rt-malformed-records", "rt-swapped-shards", "rt-truncated-after-open",
+              "plugin-changed-shard"]
     assert not [name for name in [*FAULTS, *others] if f"`{name}`" not in doc]

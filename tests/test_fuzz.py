@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +35,22 @@ FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCh
                 database=None)
 _counter = itertools.count()
 
-# JSON values of every kind, with the awkward ones made likely.
-TRICKY_TEXT = st.sampled_from(["", ".", "..", "../x.safetensors", "/etc/passwd", "a\x00b", "\ud800", "x" * 300,
-                               "quant_model_weights.safetensors", "W4A8_DYNAMIC", "FLOAT", "1.0.0", "0", "F32",
-                               "I8", "bfloat16", "__metadata__"])
-TRICKY_INT = st.sampled_from([-1, 0, 1, 7, 8, 16, 32, 2**31, 2**53 + 1, 2**63, 2**64 + 5, 10**30])
+# An integer past Python's int-string limit: json.dumps cannot write it, so `dumps` puts it in for this string.
+BIG_INT = "@@int-past-the-limit@@"
+BIG_INT_DIGITS = "7" * (sys.get_int_max_str_digits() + 1)
+
+# JSON values of every kind, with the awkward ones made likely: non-ASCII digits (a superscript,
+# Arabic-Indic), lone surrogates, names that leave the directory, huge and zero sizes.
+TRICKY_TEXT = st.sampled_from(["", ".", "..", "../x.safetensors", "/etc/passwd", "a\x00b", "\ud800", "x\udfff",
+                               "x" * 300, "quant_model_weights.safetensors", "W4A8_DYNAMIC", "FLOAT", "1.0.0", "0",
+                               "F32", "I8", "bfloat16", "__metadata__", "model.layers.\u00b2", "experts.\u0663",
+                               "\u0663", BIG_INT])
+TRICKY_INT = st.sampled_from([-1, 0, 1, 7, 8, 16, 32, 2**31, 2**53 + 1, 2**63 - 1, 2**63, 2**64 + 5, 10**30, BIG_INT])
+
+
+def dumps(doc) -> bytes:
+    """json.dumps, with every BIG_INT string turned into an integer of more digits than Python parses."""
+    return json.dumps(doc).replace(f'"{BIG_INT}"', BIG_INT_DIGITS).replace(BIG_INT, BIG_INT_DIGITS).encode()
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), TRICKY_INT,
                     st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8), TRICKY_TEXT)
 JSON = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=4),
@@ -152,7 +164,7 @@ def test_read_header_on_mutated_headers(bases, data):
     header, payload = read_raw(bases["v1"] / WEIGHTS)
     draw = data.draw
     how = draw(st.sampled_from(["json", "json", "bytes", "length"]))
-    raw = json.dumps(header).encode()
+    raw = dumps(header)
     declared = None
     if how == "json":
         name = draw(st.sampled_from(sorted(header)))
@@ -163,7 +175,7 @@ def test_read_header_on_mutated_headers(bases, data):
                                           st.sampled_from(sorted(DTYPE_SIZES))))
         else:
             header = _mutate_json(header, draw)
-        raw = json.dumps(header).encode()
+        raw = dumps(header)
     elif how == "bytes":
         raw = _mutate_bytes(raw, draw)
     else:
@@ -184,7 +196,7 @@ def test_open_source_with_a_mutated_description(bases, data):
     root = _fresh(bases, "v1")
     raw = (root / DESCRIPTION).read_bytes()
     if data.draw(st.booleans()):
-        mutated = json.dumps(_mutate_json(json.loads(raw), data.draw)).encode()
+        mutated = dumps(_mutate_json(json.loads(raw), data.draw))
     else:
         mutated = _mutate_bytes(raw, data.draw)
     _replace(root / DESCRIPTION, mutated)
@@ -203,9 +215,9 @@ def test_open_source_with_a_mutated_index(bases, data):
         for _ in range(data.draw(st.integers(1, 3))):
             name = data.draw(st.sampled_from(names))
             index["weight_map"][name] = data.draw(st.one_of(TRICKY_TEXT, JSON, st.text(max_size=40)))
-        mutated = json.dumps(index).encode()
+        mutated = dumps(index)
     elif choice == "json":
-        mutated = json.dumps(_mutate_json(json.loads(raw), data.draw)).encode()
+        mutated = dumps(_mutate_json(json.loads(raw), data.draw))
     else:
         mutated = _mutate_bytes(raw, data.draw)
     _replace(root / INDEX, mutated)
@@ -218,8 +230,58 @@ def test_open_source_with_any_config_dtype(bases, value):
     root = _fresh(bases, "v1")
     config = json.loads((root / "config.json").read_text())
     config["torch_dtype"] = value
-    _replace(root / "config.json", json.dumps(config).encode())
+    _replace(root / "config.json", dumps(config))
     _open_and_plan(root)
+
+
+# -- tensor names and sizes, through a whole conversion ----------------------------------------------------
+
+NAME_PART = st.one_of(st.sampled_from(["0", "3", "4", "007", "1" * 19, "\u0663", "\u00b2", "\ud800", BIG_INT,
+                                       "gate_proj", "weight"]), st.text(max_size=4))
+DIM = st.one_of(st.sampled_from([0, 1, 2, 8, 2**31, 2**63 - 1, 2**63, 2**64, BIG_INT]), st.integers(0, 6))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
+@given(data=st.data())
+def test_convert_with_an_added_tensor_of_tricky_name_and_shape(bases, data, tmp_path_factory):
+    """A tensor whose name holds long or non-ASCII digits or surrogates, or whose shape mixes zero and
+    huge sizes: `convert` either refuses it with a w4a8conv error before the completion marker exists,
+    or writes an output that `verify` accepts and the runtime reads."""
+    from w4a8conv.api import ConvertOptions, convert
+    from w4a8conv.constants import DESCRIPTION_NAME
+    from w4a8conv.runtime import NpuReadyCheckpoint
+    from w4a8conv.verify import verify
+
+    root = _fresh(bases, "v1")
+    header, payload = read_raw(root / WEIGHTS)
+    template = data.draw(st.sampled_from([f"{MOE}.experts.{{}}.gate_proj.weight", "model.layers.{}.extra.weight",
+                                          "extra.{}", "{}"]))
+    name = template.format(data.draw(NAME_PART))
+    shape = data.draw(st.lists(DIM, max_size=3))
+    dtype = data.draw(st.sampled_from(["F32", "I8", "BF16"]))
+    real = all(isinstance(d, int) for d in shape)
+    nbytes = math.prod(shape) * DTYPE_SIZES[dtype] if real else 0
+    data_end = len(payload)
+    if real and nbytes <= 4096:
+        payload += bytes(nbytes)
+    header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [data_end, data_end + min(nbytes, 4096)]}
+    _replace(root / WEIGHTS, struct.pack("<Q", len(dumps(header))) + dumps(header) + payload)
+    description = json.loads((root / DESCRIPTION).read_text())
+    description[name] = data.draw(st.sampled_from(["FLOAT", "W4A8_DYNAMIC"]))
+    _replace(root / DESCRIPTION, dumps(description))
+    out = tmp_path_factory.mktemp("fuzz-out") / "out"
+    try:
+        try:
+            convert(root, out, options=ConvertOptions(workers=1))
+        except W4A8Error:
+            assert not (out / DESCRIPTION_NAME).exists()
+            return
+        assert verify(out, source=root, sample=None).ok
+        ckpt = NpuReadyCheckpoint.open(out)
+        assert list(ckpt.tensor(name).shape) == shape
+    finally:
+        shutil.rmtree(root)
+        shutil.rmtree(out, ignore_errors=True)
 
 
 # -- converted directories: the runtime and verify ----------------------------------------------------------
@@ -252,7 +314,7 @@ def test_runtime_and_verify_on_a_mutated_stamp_or_index(bases, converted_base, d
         doc["w4a8conv"] = _mutate_json(doc["w4a8conv"], data.draw)  # the stamp and its records
     else:
         doc = _mutate_json(doc, data.draw)
-    _replace(root / which, json.dumps(doc).encode())
+    _replace(root / which, dumps(doc))
     try:
         try:
             NpuReadyCheckpoint.open(root).moe_layer(MOE, tp_size=2, tp_rank=1)

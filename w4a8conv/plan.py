@@ -26,6 +26,7 @@ __all__ = [
 # Expert projection names per model family: (gate, up, down).
 PROJECTION_NAMES: tuple[tuple[str, str, str], ...] = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 _EXPERT_WEIGHT = re.compile(r"^(?P<layer>.+)\.experts\.(?P<expert>\d+)\.(?P<proj>[^.]+)\.weight$")
+_MAX_EXPERT_ID_DIGITS = 18
 _FLOAT_DTYPES = {"F32", "F16", "BF16"}
 # Offsets are only checked to be zero, by value: llm_ptq writes weight_offset_second as int64.
 _OFFSET_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8"}
@@ -47,9 +48,17 @@ def _suffixes_with_offsets(outputs) -> tuple[str, ...]:
     return tuple(sorted(needs | offsets))
 
 
+_ASCII_DIGITS = re.compile(r"([0-9]+)")
+
+
 def natural_key(name: str) -> tuple:
-    """Sort key that puts layers.2 before layers.10."""
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name))
+    """Sort key that puts layers.2 before layers.10.
+
+    Digit runs compare by (length without leading zeros, text), the order of their values without
+    converting them: names from the internet may hold runs past Python's int-string limit, and
+    str.isdigit() accepts digits (superscripts, other scripts) that int() refuses."""
+    return tuple((0, len(p.lstrip("0")), p.lstrip("0")) if i % 2 else (1, 0, p)
+                 for i, p in enumerate(_ASCII_DIGITS.split(name)))
 
 
 @dataclass(frozen=True)
@@ -260,6 +269,10 @@ def _moe_layer(check: _Checker, prefix: str, experts: dict[int, set[str]]) -> Mo
         raise InvalidCheckpointError("weight_scale is a scalar, expected [out, 1]", file=gate_scale.file,
                                      tensor=(gate_scale if not gate_scale.shape else down_scale).name)
     intermediate, hidden = gate_scale.shape[0], down_scale.shape[0]
+    for what, size, ref in (("intermediate", intermediate, gate_scale), ("hidden", hidden, down_scale)):
+        if size == 0:
+            raise InvalidCheckpointError(f"{what} size 0 (from {list(ref.shape)}): a W4A8 module needs "
+                                         "non-zero dimensions", file=ref.file, tensor=ref.name)
     per_group = source.group_size != 0
     variant = _MOE_VARIANT[(source.producer, source.version, per_group)]
     down_bias = source.tensors.get(f"{prefix}.experts.0.{down}.scale_bias")
@@ -294,6 +307,9 @@ def _linear(check: _Checker, prefix: str) -> LinearModule:
         raise InvalidCheckpointError(f"shape {list(weight.shape)} is not 2-D [out, in]", file=weight.file,
                                      tensor=weight.name)
     rows, inp = weight.shape
+    if rows == 0 or inp == 0:
+        raise InvalidCheckpointError(f"shape {list(weight.shape)}: a W4A8 module needs non-zero dimensions",
+                                     file=weight.file, tensor=weight.name)
     out = rows * 2 if source.version is QuantVersion.V1 else rows
     variant = _LINEAR_VARIANT[source.version]
     check.expect(weight, {"I8"}, (rows, inp))
@@ -339,6 +355,17 @@ def _nothing_to_convert(source: SourceCheckpoint) -> InvalidCheckpointError:
                                   file=source.description_file)
 
 
+def _expert_id(text: str, name: str, source: SourceCheckpoint) -> int:
+    """An expert number from a tensor name (ASCII digits: `open_source` refuses others), short enough
+    to be a plausible count and to convert without Python's int-string limit."""
+    if len(text) > _MAX_EXPERT_ID_DIGITS:
+        shown = text if len(text) <= 24 else f"{text[:12]}...{text[-4:]} ({len(text)} characters)"
+        raise InvalidCheckpointError(f"expert id {shown} has more than {_MAX_EXPERT_ID_DIGITS} digits",
+                                     file=source.description_file,
+                                     tensor=name if len(name) <= 200 else name[:200] + "...")
+    return int(text)
+
+
 def make_plan(source: SourceCheckpoint) -> Plan:
     """Classify every tensor, validate structure, and lay out the output tensors in order."""
     check = _Checker(source)
@@ -349,7 +376,7 @@ def make_plan(source: SourceCheckpoint) -> Plan:
             continue
         match = _EXPERT_WEIGHT.match(name)
         if match:
-            moe[match["layer"]][int(match["expert"])].add(match["proj"])
+            moe[match["layer"]][_expert_id(match["expert"], name, source)].add(match["proj"])
         else:
             linear_prefixes.append(name[: -len(".weight")])
 

@@ -1,23 +1,132 @@
 """Read a converted checkpoint for one tensor/expert-parallel rank, by slicing only.
 
-Kept apart from the converter: it depends on the format constants and on `safetensors`, never on
-the source readers or transforms. Every rank's tensors come out of the TP/EP-agnostic layout by
-slicing and concatenation (`split.py`), plus a sum over the rank's share of the 16 down_proj bias chunks.
+Kept apart from the converter: it depends on the format constants, never on the source readers or
+transforms. Every rank's tensors come out of the TP/EP-agnostic layout by slicing and concatenation
+(`split.py`), plus a sum over the rank's share of the 16 down_proj bias chunks.
+
+Shards are read with positional reads, not mapped: a mapped file that shrinks kills the process with
+SIGBUS at the next access, while a short read is a `NotConvertedError` naming the file. Each shard's
+size and header are checked against the stamp and the index before any tensor is read from it.
 """
 from __future__ import annotations
 
 import json
+import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from ..constants import DESCRIPTION_NAME, INDEX_NAME, LAYOUT_NAME, LAYOUT_VERSION, STAMP_KEY
+from ..dtypes import DTYPE_SIZES, MAX_DIM, TORCH_DTYPES
 from ..errors import NotConvertedError, UsageError
 from ..layout import TensorSpec, expert_tensor_specs, linear_tensor_specs, moe_tensor_specs
 from .split import RankSplit, expert_rank_part
 
-__all__ = ["NpuReadyCheckpoint", "RankSplit", "checked_stamp", "stamp_problem"]
+__all__ = ["NpuReadyCheckpoint", "RankSplit", "StoredTensor", "checked_stamp", "stamp_problem", "check_shards"]
+
+_MAX_HEADER_BYTES = 100 * 2**20
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor of a shard lies, from the shard's header."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the shard file
+    nbytes: int
+
+
+def _pread_exact(fd: int, nbytes: int, offset: int, path: Path, what: str) -> bytearray:
+    buf = bytearray(nbytes)
+    view, done = memoryview(buf), 0
+    while done < nbytes:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise NotConvertedError(f"the file ends at byte {offset + done}, inside {what}: it changed or was "
+                                    "truncated after it was checked", file=path)
+        done += got
+    return buf
+
+
+def _shard_header(fd: int, size: int, path: Path) -> dict[str, StoredTensor]:
+    """The tensors a shard's header declares, which must tile its data region exactly, in order."""
+    def refuse(rule: str) -> NotConvertedError:
+        return NotConvertedError(f"shard header: {rule}", file=path)
+
+    if size < 8:
+        raise refuse(f"{size} bytes, shorter than the 8-byte header length")
+    length = int.from_bytes(_pread_exact(fd, 8, 0, path, "the header length"), "little")
+    if length > min(_MAX_HEADER_BYTES, size - 8):
+        raise refuse(f"header length {length} does not fit the {size}-byte file")
+    try:
+        header = json.loads(_pread_exact(fd, length, 8, path, "the header"))
+    except (ValueError, RecursionError) as exc:  # also integers past Python's int-string limit
+        raise refuse(f"not valid JSON ({type(exc).__name__})") from None
+    if not isinstance(header, dict):
+        raise refuse("not a JSON object")
+    header.pop("__metadata__", None)
+    tensors, data_start, position = {}, 8 + length, 0
+    entries = []
+    for name, entry in header.items():
+        ok = (isinstance(entry, dict) and entry.get("dtype") in DTYPE_SIZES and isinstance(entry.get("shape"), list)
+              and all(type(d) is int and 0 <= d <= MAX_DIM for d in entry["shape"])
+              and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
+              and all(type(o) is int for o in entry["data_offsets"]))
+        if not ok:
+            raise refuse(f"{name}: entry is not a dtype, a shape of int64 sizes and two data offsets")
+        entries.append((entry["data_offsets"], name, entry))
+    for (begin, end), name, entry in sorted(entries, key=lambda e: (e[0][0], e[0][1])):
+        nbytes = math.prod(entry["shape"]) * DTYPE_SIZES[entry["dtype"]]
+        if begin != position or end - begin != nbytes:
+            raise refuse(f"{name}: data_offsets {[begin, end]} do not follow the previous tensor at {position} "
+                         f"with {nbytes} bytes")
+        position = end
+        tensors[name] = StoredTensor(entry["dtype"], tuple(entry["shape"]), data_start + begin, nbytes)
+    if data_start + position != size:
+        raise refuse(f"tensor data ends at byte {data_start + position} of {size}")
+    return tensors
+
+
+def _checked_shard(fd: int, path: Path, record: dict, names: set[str]) -> dict[str, StoredTensor]:
+    """A shard's tensors, after its size and header were checked against its stamp record and the index."""
+    size = os.fstat(fd).st_size
+    if size != record["bytes"]:
+        raise NotConvertedError(f"{size} bytes, the stamp records {record['bytes']}: the file changed since it "
+                                "was converted", file=path)
+    tensors = _shard_header(fd, size, path)
+    if set(tensors) != names:
+        stray = sorted(set(tensors) ^ names)[:3]
+        raise NotConvertedError(f"holds other tensors than the index maps to it ({', '.join(stray)} ...): the "
+                                "file was replaced or renamed since it was converted", file=path)
+    return tensors
+
+
+def _names_by_shard(stamp: dict, weight_map: dict[str, str]) -> dict[str, set[str]]:
+    names: dict[str, set[str]] = {name: set() for name in stamp["shards"]}
+    for tensor, file_name in weight_map.items():
+        names.setdefault(file_name, set()).add(tensor)
+    return names
+
+
+def check_shards(root: Path | str, stamp: dict, weight_map: dict[str, str]) -> None:
+    """Every shard the stamp records exists with the recorded size and a header that declares exactly
+    the tensors the index maps to it; `NotConvertedError` naming the first file that does not.
+
+    The runtime runs this on open, the vLLM plugin before vLLM maps the shards."""
+    root = Path(root)
+    for file_name, names in _names_by_shard(stamp, weight_map).items():
+        path = root / file_name
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise NotConvertedError(f"cannot open shard ({exc.strerror or exc})", file=path) from None
+        try:
+            _checked_shard(fd, path, stamp["shards"][file_name], names)
+        finally:
+            os.close(fd)
 
 
 _MOE_RECORD = {"kind": str, "variant": str, "num_experts": int, "projections": list, "hidden": int,
@@ -85,11 +194,22 @@ class NpuReadyCheckpoint:
         self.description = description
         self.stamp: dict = description[STAMP_KEY]
         self._weight_map = weight_map
-        self._handles: dict[str, object] = {}
+        self._names = _names_by_shard(self.stamp, weight_map)
+        self._shards: dict[str, tuple[int, dict[str, StoredTensor]]] = {}  # file name -> (fd, tensors)
+
+    def __del__(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the shard files (reading again reopens and re-checks them)."""
+        shards, self._shards = getattr(self, "_shards", {}), {}
+        for fd, _tensors in shards.values():
+            os.close(fd)
 
     @classmethod
     def open(cls, root: Path | str) -> "NpuReadyCheckpoint":
-        """Refuse anything but a complete directory in a layout this version serves."""
+        """Refuse anything but a complete directory in a layout this version serves, whose shards have
+        the sizes the stamp records and headers that hold what the index says."""
         root = Path(root)
         description_file = root / DESCRIPTION_NAME
         try:
@@ -97,13 +217,14 @@ class NpuReadyCheckpoint:
         except FileNotFoundError:
             raise NotConvertedError(f"no {DESCRIPTION_NAME}: not a w4a8conv output, or an incomplete one",
                                     file=root) from None
-        except (OSError, ValueError) as exc:
-            raise NotConvertedError(f"unreadable ({exc})", file=description_file) from None
+        except (OSError, ValueError, RecursionError) as exc:
+            raise NotConvertedError(f"unreadable ({type(exc).__name__}: {exc})"[:300], file=description_file) from None
         stamp = checked_stamp(description, description_file)
         try:
             weight_map = json.loads((root / INDEX_NAME).read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise NotConvertedError(f"index unreadable ({exc})", file=root / INDEX_NAME) from None
+        except (OSError, ValueError, RecursionError, KeyError, TypeError) as exc:
+            raise NotConvertedError(f"index unreadable ({type(exc).__name__}: {exc})"[:300],
+                                    file=root / INDEX_NAME) from None
         if not isinstance(weight_map, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) and _plain_name(v) for k, v in weight_map.items()):
             raise NotConvertedError("weight_map is not a map of tensor names to shard file names in this directory",
@@ -112,6 +233,7 @@ class NpuReadyCheckpoint:
         if missing or set(weight_map.values()) - set(stamp["shards"]):
             raise NotConvertedError(f"shards named by the stamp are missing: {missing}" if missing else
                                     "index names shards the stamp does not record", file=root)
+        check_shards(root, stamp, weight_map)
         return cls(root, description, weight_map)
 
     @property
@@ -126,21 +248,37 @@ class NpuReadyCheckpoint:
     def type_of(self, name: str) -> str | None:
         return self.description.get(name)
 
-    def _slice(self, name: str):
+    def _shard_of(self, name: str) -> tuple[int, Path, StoredTensor]:
         file_name = self._weight_map.get(name)
         if file_name is None:
             raise NotConvertedError("tensor is not in the index", file=self.root / INDEX_NAME, tensor=name)
-        handle = self._handles.get(file_name)
-        if handle is None:
+        path = self.root / file_name
+        if file_name not in self._shards:
             try:
-                handle = self._handles[file_name] = safe_open(str(self.root / file_name), framework="pt")
-            except (SafetensorError, OSError) as exc:
-                raise NotConvertedError(f"cannot open shard ({exc})", file=self.root / file_name) from None
-        return handle.get_slice(name)
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as exc:
+                raise NotConvertedError(f"cannot open shard ({exc.strerror or exc})", file=path) from None
+            try:
+                self._shards[file_name] = fd, _checked_shard(fd, path, self.stamp["shards"][file_name],
+                                                             self._names[file_name])
+            except BaseException:
+                os.close(fd)
+                raise
+        fd, tensors = self._shards[file_name]
+        return fd, path, tensors[name]
+
+    def stored(self, name: str) -> StoredTensor:
+        """Dtype, shape and place of a stored tensor, from its shard's checked header."""
+        return self._shard_of(name)[2]
 
     def tensor(self, name: str) -> torch.Tensor:
-        """One stored tensor, whole, in memory of its own (the shard's mapping is never handed out)."""
-        return self._slice(name)[:].clone()
+        """One stored tensor, whole, in memory of its own, read from the file (never a mapping of it)."""
+        fd, path, stored = self._shard_of(name)
+        dtype = TORCH_DTYPES[stored.dtype]
+        if stored.nbytes == 0:
+            return torch.empty(stored.shape, dtype=dtype)
+        data = _pread_exact(fd, stored.nbytes, stored.offset, path, name)
+        return torch.frombuffer(data, dtype=dtype).reshape(stored.shape)
 
     def _module(self, prefix: str, kind: str) -> dict:
         record = self.stamp["modules"].get(prefix)
@@ -173,9 +311,9 @@ class NpuReadyCheckpoint:
         for name, (dtype, shape) in expected.items():
             if name not in self._weight_map:
                 return f"{name} is missing"
-            stored = self._slice(name)
-            if stored.get_dtype() != dtype or tuple(stored.get_shape()) != shape:
-                return (f"{name} is stored as {stored.get_dtype()} {list(stored.get_shape())}, its stamp record "
+            stored = self.stored(name)
+            if stored.dtype != dtype or stored.shape != shape:
+                return (f"{name} is stored as {stored.dtype} {list(stored.shape)}, its stamp record "
                         f"says {dtype} {list(shape)}")
         return None
 
@@ -195,7 +333,7 @@ class NpuReadyCheckpoint:
         def rank_part(expert: int, proj: str, output: str) -> torch.Tensor:
             name, _spec = expert_tensor_specs(prefix, expert, proj, proj == down, m["hidden"], m["intermediate"],
                                               m["group_size"])[output]
-            return expert_rank_part(output, proj == down, self._slice(name)[:], intermediate=m["intermediate"],
+            return expert_rank_part(output, proj == down, self.tensor(name), intermediate=m["intermediate"],
                                     group_size=m["group_size"], tp_size=tp_size, tp_rank=tp_rank)
 
         experts = split.experts(m["num_experts"])

@@ -41,6 +41,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.metadata
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ import torch
 from ..constants import CONVERTED_TYPE, DESCRIPTION_NAME, INT4_PER_INT32, QuantVersion
 from ..errors import ServingError, UnsupportedSplitError
 from ..layout import linear_tensor_specs
-from .checkpoint import checked_stamp
+from .checkpoint import NpuReadyCheckpoint, checked_stamp
 from .split import check_tp, expert_rank_part, linear_output_axis, linear_rank_part
 
 __all__ = ["register", "RELEASES", "SUPPORTED_VLLM_ASCEND", "serving_release_lines"]
@@ -210,7 +211,19 @@ def _description() -> dict:
 
 
 def _stamp() -> dict:
-    return checked_stamp(_description(), DESCRIPTION_NAME + " (as vLLM loaded it)")
+    stamp = checked_stamp(_description(), DESCRIPTION_NAME + " (as vLLM loaded it)")
+    config = importlib.import_module("vllm.config").get_current_vllm_config()
+    model = getattr(getattr(config, "model_config", None), "model", None)
+    if isinstance(model, str) and os.path.isdir(model):
+        _check_shards_on_disk(model)
+    return stamp
+
+
+@functools.cache
+def _check_shards_on_disk(model: str) -> None:
+    """Once per process, before vLLM maps the shards: each one's size and header against the stamp and
+    the index (a changed file is a `NotConvertedError` naming it, not a wrong model or a crash)."""
+    NpuReadyCheckpoint.open(model).close()
 
 
 def _record(stamp: dict, prefix: str, kind: str) -> tuple[str, dict]:

@@ -9,7 +9,6 @@ vllm-ascend would assume 256; with no per-group tensor at all it stays 256.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from enum import Enum
@@ -19,7 +18,7 @@ import torch
 
 from ..constants import SOURCE_TYPE, QuantVersion
 from ..errors import InvalidCheckpointError, UsageError
-from .safetensors_file import SafetensorsHeader, TensorRef, read_header
+from .safetensors_file import SafetensorsHeader, TensorRef, parse_json, read_header
 
 __all__ = ["SourceCheckpoint", "GroupSizeFrom", "open_source", "read_json", "read_weight_files", "model_dtype_of",
            "MODEL_DTYPES", "MODEL_DTYPE_ALIASES", "canonical_model_dtype", "DEFAULT_GROUP_SIZE", "MSMODELSLIM"]
@@ -47,12 +46,7 @@ def read_json(file: Path) -> tuple[bytes, object]:
         raw = file.read_bytes()
     except OSError as exc:
         raise InvalidCheckpointError(f"cannot read: {exc.strerror or exc}", file=file) from None
-    try:
-        return raw, json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidCheckpointError(f"not valid JSON ({exc})", file=file) from None
-    except RecursionError:
-        raise InvalidCheckpointError("not valid JSON (nested too deeply)", file=file) from None
+    return raw, parse_json(raw, file)
 
 
 class GroupSizeFrom(str, Enum):
@@ -137,6 +131,17 @@ def _find_description(root: Path) -> Path:
                                      "this is not an msModelSlim checkpoint", file=root)
     raise InvalidCheckpointError(f"several quant descriptions ({', '.join(p.name for p in typed)}); "
                                  "keep exactly one", file=root)
+
+
+def _check_keys(description: dict, file: Path) -> None:
+    """Refuse names with non-ASCII digits: Python's int() and vLLM read "layers.٣" as layer 3, so such a
+    name could mean the same layer or expert as another one."""
+    for key in description:
+        foreign = next((ch for ch in key if ch.isdigit() and not ch.isascii()), None)
+        if foreign is not None:
+            raise InvalidCheckpointError(f"name holds the non-ASCII digit {foreign!r} (U+{ord(foreign):04X}); "
+                                         "layer and expert numbers must be ASCII digits", file=file,
+                                         tensor=key if len(key) <= 200 else key[:200] + "...")
 
 
 def _parse_version(description: dict, file: Path) -> QuantVersion:
@@ -329,6 +334,7 @@ def open_source(root: Path | str, *, model_dtype: str | None = None, group_size:
     description_bytes, description = read_json(description_file)
     if not isinstance(description, dict):
         raise InvalidCheckpointError("description is not a JSON object", file=description_file)
+    _check_keys(description, description_file)
     version = _parse_version(description, description_file)
     described_group_size = _parse_group_size(description, description_file)
 

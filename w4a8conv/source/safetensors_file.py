@@ -11,23 +11,18 @@ import math
 import os
 import stat
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..dtypes import DTYPE_SIZES, MAX_DIM, TORCH_DTYPES
 from ..errors import InvalidCheckpointError
 
-__all__ = ["DTYPE_SIZES", "TORCH_DTYPES", "TensorRef", "SafetensorsHeader", "read_header", "MAX_HEADER_BYTES"]
+__all__ = ["DTYPE_SIZES", "TORCH_DTYPES", "TensorRef", "SafetensorsHeader", "read_header", "parse_json",
+           "MAX_HEADER_BYTES", "MAX_DIM"]
 
-DTYPE_SIZES: dict[str, int] = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
-}
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "F16": torch.float16,
-    "BF16": torch.bfloat16, "I32": torch.int32, "F32": torch.float32, "I64": torch.int64, "F64": torch.float64,
-}
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
 
 
@@ -62,6 +57,27 @@ def _fail(file: Path, rule: str, tensor: str | None = None) -> InvalidCheckpoint
     return InvalidCheckpointError(rule, file=file, tensor=tensor)
 
 
+def parse_json(raw: bytes, file: Path, what: str = "") -> object:
+    """JSON from untrusted bytes, or `InvalidCheckpointError` "<what>not valid JSON (<why>)" naming `file`."""
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _fail(file, f"{what}not valid JSON ({exc})") from None
+    except ValueError:  # the only other ValueError json raises: an integer past Python's int-string limit
+        raise _fail(file, f"{what}not valid JSON (an integer of more than {sys.get_int_max_str_digits()} "
+                          "digits)") from None
+    except RecursionError:
+        raise _fail(file, f"{what}not valid JSON (nested too deeply)") from None
+
+
+def _encodable(name: str) -> bool:
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def read_header(file: Path) -> SafetensorsHeader:
     """Parse and validate one safetensors file's header."""
     try:
@@ -81,12 +97,7 @@ def read_header(file: Path) -> SafetensorsHeader:
             raw = f.read(length)
     except OSError as exc:
         raise _fail(file, f"cannot read: {exc.strerror or exc}") from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _fail(file, f"header is not valid JSON ({exc})") from None
-    except RecursionError:
-        raise _fail(file, "header is not valid JSON (nested too deeply)") from None
+    header = parse_json(raw, file, "header is ")
     if not isinstance(header, dict):
         raise _fail(file, "header is not a JSON object")
     metadata = header.pop("__metadata__", None)
@@ -97,13 +108,16 @@ def read_header(file: Path) -> SafetensorsHeader:
     spans: list[tuple[int, int, str]] = []
     refs: dict[str, TensorRef] = {}
     for name, info in header.items():
+        if not _encodable(name):
+            raise _fail(file, f"tensor name {name!r} is not valid Unicode (a lone surrogate)")
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise _fail(file, "entry needs exactly dtype, shape and data_offsets", name)
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise _fail(file, f"unknown dtype {dtype!r}", name)
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise _fail(file, f"shape {shape!r} is not a list of non-negative integers", name)
+        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape):
+            raise _fail(file, f"shape {shape!r} is not a list of non-negative integers below 2^63 "
+                        "(torch's int64 sizes)", name)
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(type(o) is int and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
             raise _fail(file, f"data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end", name)

@@ -1,0 +1,18 @@
+"""safetensors dtype strings: their sizes and torch dtypes (shared by the source readers and the runtime)."""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["DTYPE_SIZES", "TORCH_DTYPES", "MAX_DIM"]
+
+DTYPE_SIZES: dict[str, int] = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2, "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16,
+    "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32, "I64": torch.int64,
+    "U64": torch.uint64, "F64": torch.float64,
+}
+MAX_DIM = 2**63 - 1  # torch sizes are int64: a larger dimension (even next to a zero) cannot be loaded
