@@ -771,12 +771,34 @@ def _(c):
     (c.sandbox / "out").mkdir()
 
 
+@case("env-force-entry-is-a-directory", "v1", USAGE, "{sandbox}/out", "--force replaces only a previous w4a8conv "
+      "output, and model-00001-of-00001.safetensors is not part of one", args=("--force",))
+def _(c):
+    """A directory where a previous output had a shard: --force removes files only, and nothing at all
+    unless every entry is one of its own files."""
+    (c.sandbox / "out" / "model-00001-of-00001.safetensors").mkdir(parents=True)
+    (c.sandbox / "out" / "model.safetensors.index.json").write_text("{}\n")
+
+
+@case("env-output-name-too-long", "v1", USAGE, "{sandbox}/" + "o" * 300 + "/out",
+      "cannot use as the output directory: File name too long", out=lambda c: c.sandbox / ("o" * 300) / "out")
+def _(c):
+    pass
+
+
+@case("env-source-name-too-long", "v1", INVALID, "{sandbox}/" + "s" * 300 + ": cannot read: File name too long",
+      out=lambda c: c.sandbox / "out")
+def _(c):
+    pass
+
+
 @case("env-source-missing", "v1", INVALID, "{sandbox}/nowhere: not a directory", out=lambda c: c.sandbox / "out")
 def _(c):
     shutil.rmtree(c.src)
 
 
-SOURCE_ARG = {"env-source-missing": lambda c: c.sandbox / "nowhere"}
+SOURCE_ARG = {"env-source-missing": lambda c: c.sandbox / "nowhere",
+              "env-source-name-too-long": lambda c: c.sandbox / ("s" * 300)}
 IDS = [c.id for c in CASES]
 assert len(IDS) == len(set(IDS)), "duplicate case id"
 BY_ID = {c.id: c for c in CASES}
@@ -821,7 +843,7 @@ def _check(built: Built, run) -> None:
         return  # the source (or its parent) itself: its digest is the check
     if built.out_before:
         assert tree_digest(out) == built.out_before, "a pre-existing output directory was changed"
-    elif out.exists() and out.is_dir():
+    elif os.path.isdir(out):  # os.path: Path.exists() raises for a name over the limit
         assert not any(out.iterdir()), sorted(p.name for p in out.iterdir())
     assert_nothing_complete(out)
 
@@ -885,6 +907,45 @@ def test_zero_scales_are_allowed(tmp_path):
     assert run.returncode == 0, run.describe()
     from w4a8conv.verify import verify
     assert verify(tmp_path / "out", source=src, sample=None).ok
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "1e999", "-inf", "1e30", "0.5"])
+def test_non_finite_or_absurd_shard_size_is_a_usage_error(value, tmp_path):
+    src = build("v1", tmp_path / "src")
+    run = run_main("convert", src, tmp_path / "out", "--max-shard-size", value)
+    assert run.returncode == USAGE and "Traceback" not in run.stderr + run.stdout, run.describe()
+    assert ("is not a finite size" if value in ("inf", "nan", "1e999", "-inf") else "the shard size must be from 1 "
+            "byte to 9223372036854775807 bytes") in " ".join(run.stderr.split()), run.describe()
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("field, value", [("max_shard_bytes", float("inf")), ("max_shard_bytes", 0),
+                                          ("workers", 0), ("workers", 2.5), ("max_shard_bytes", 2**63)])
+def test_absurd_option_values_from_python_are_a_usage_error(field, value, tmp_path):
+    from dataclasses import replace as with_field
+
+    from w4a8conv.api import ConvertOptions, convert
+    from w4a8conv.errors import UsageError
+
+    src = build("v1", tmp_path / "src")
+    with pytest.raises(UsageError, match=f"{field} .* is not an integer from 1 to"):
+        convert(src, tmp_path / "out", options=with_field(ConvertOptions(), **{field: value}))
+    assert not (tmp_path / "out").exists()
+
+
+def test_workers_are_capped_at_the_shards_and_the_usable_cpus(tmp_path):
+    """--workers 1000 on a small machine starts no more processes than shards or CPUs, and says so."""
+    from w4a8conv.resources import usable_cpus
+
+    src = build("v1", tmp_path / "src")
+    run = run_main("convert", src, tmp_path / "out", "--workers", "1000", "--max-shard-size", "4000", "--json")
+    assert run.returncode == 0, run.describe()
+    summary = json.loads(run.stdout)
+    assert summary["workers_requested"] == 1000
+    assert summary["workers"] == min(summary["shards"], usable_cpus()) < 1000
+    run = run_main("convert", src, tmp_path / "out2", "--workers", "1000")
+    assert run.returncode == 0, run.describe()
+    assert "with 1 worker(s) (of 1000 requested: 1 shard(s)" in " ".join(run.stdout.split()), run.describe()
 
 
 def test_reliability_doc_lists_every_case():

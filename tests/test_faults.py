@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 
 from w4a8conv.api import ConvertOptions, convert
 from w4a8conv.constants import DESCRIPTION_NAME, INDEX_NAME, ExitCode
@@ -369,6 +371,59 @@ def test_resume_refuses_other_options(interrupted, source):
     assert_clean_failure(run, ExitCode.USAGE, ["the interrupted run used other options"])
 
 
+# -- operating-system errors in the output: exit 2 or 4 naming the path, never a traceback ---------------
+
+
+@pytest.fixture
+def read_only_mount(tmp_path):
+    """A tmpfs of our own, to make read-only after writing into it (skipped where mount is not allowed)."""
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_read_only_output_file_system_under_force_and_resume(source, read_only_mount, monkeypatch):
+    import w4a8conv.writer as writer
+    from fault_wrapper import FullDiskOs
+
+    complete, unfinished = read_only_mount / "complete", read_only_mount / "unfinished"
+    convert(source, complete, options=ConvertOptions(max_shard_bytes=int(SHARD_BYTES), workers=1))
+    with monkeypatch.context() as patch:
+        patch.setattr(writer, "os", FullDiskOs(out_shard(4)))
+        run_main("convert", source, unfinished, *OPTIONS, "--workers", "1")
+    stale = unfinished / f".{out_shard(4)}.partial"
+    stale.write_bytes(b"left by a SIGKILL")
+    subprocess.run(["mount", "-o", "remount,ro", str(read_only_mount)], check=True)
+    before = file_hashes(complete), file_hashes(unfinished)
+
+    run = run_main("convert", source, complete, *OPTIONS, "--force", "--workers", "1")
+    assert_clean_failure(run, ExitCode.USAGE, [f"{complete}/", "cannot remove the previous output's file (--force): "
+                                               "Read-only file system"])
+    run = run_main("convert", source, unfinished, *OPTIONS, "--resume", "--workers", "1")
+    assert_clean_failure(run, ExitCode.IO_FAILURE, [f"{stale}: cannot remove a partial file of the interrupted run: "
+                                                    "Read-only file system"])
+    assert (file_hashes(complete), file_hashes(unfinished)) == before
+
+
+def test_resume_with_a_directory_where_a_file_of_the_output_was(interrupted, source, reference):
+    """An entry of the output that is now a directory: exit 4 naming it; once it is gone, resume finishes."""
+    stale = interrupted / f".{out_shard(4)}.partial"
+    stale.mkdir()
+    run = run_main("convert", source, interrupted, *OPTIONS, "--resume", "--workers", "1")
+    assert_clean_failure(run, ExitCode.IO_FAILURE, [f"{stale}: cannot remove a partial file of the interrupted run"])
+    stale.rmdir()
+    (interrupted / out_shard(2)).unlink()
+    (interrupted / out_shard(2)).mkdir()  # a journaled shard
+    run = run_main("convert", source, interrupted, *OPTIONS, "--resume", "--workers", "1")
+    assert_clean_failure(run, ExitCode.IO_FAILURE, [f"{interrupted / out_shard(2)}: cannot write: Is a directory"])
+    (interrupted / out_shard(2)).rmdir()
+    resume_and_compare(source, interrupted, reference)
+
+
 # -- the runtime and verify on damaged outputs -------------------------------------------------------------
 
 
@@ -566,11 +621,101 @@ def test_plugin_checks_the_shards_on_disk_before_vllm_maps_them(damaged, monkeyp
     assert str(shard_file) in str(caught.value)
 
 
+# -- the source edited between validating and converting, or after converting ------------------------------
+
+
+def _poke(path: Path, tensor: str, index: int, raw: bytes) -> None:
+    """Overwrite bytes of one tensor in place: same header, same size (what an editor or a sync tool does)."""
+    header, _data = read_raw(path)
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+    start = 8 + length + header[tensor]["data_offsets"][0] + index
+    with open(path, "r+b") as f:
+        f.seek(start)
+        f.write(raw)
+
+
+def test_a_scale_edited_after_validation_is_refused_by_the_conversion(pristine, tmp_path, monkeypatch):
+    """Scales are checked before writing and read again to be converted; the second read is checked
+    too, so a source edited in between cannot put a negative scale into an output that exits 0."""
+    import w4a8conv.api as api
+
+    src = _copy_source(pristine[0], tmp_path / "src")
+    weights = src / "quant_model_weights.safetensors"
+    original = api.check_small_tensors
+    name = f"{MOE}.experts.1.gate_proj.weight_scale"
+
+    def then_edit(plan, reader):
+        original(plan, reader)
+        _poke(weights, name, 4 * 4, struct.pack("<f", -0.5))  # element [4, 0] of a [32, 1] F32 tensor
+    monkeypatch.setattr(api, "check_small_tensors", then_edit)
+    out = tmp_path / "out"
+    run = run_main("convert", src, out, "--workers", "1")
+    assert_clean_failure(run, ExitCode.INVALID_INPUT, [str(weights), name, "scale -0.5 at [4, 0] is not finite and "
+                                                                          "non-negative"])
+    assert not out.exists()
+
+
+def test_verify_source_applies_the_conversion_rules_to_what_it_decodes(pristine, tmp_path):
+    src = _copy_source(pristine[0], tmp_path / "src")
+    weights = src / "quant_model_weights.safetensors"
+    _poke(weights, f"{MOE}.experts.2.down_proj.weight_scale_second", 4 * 3, struct.pack("<f", -2.0))
+    run = run_main("verify", pristine[1], "--source", src, "--all")
+    assert_clean_failure(run, ExitCode.INVALID_INPUT, [f"{MOE}.experts.2.down_proj.weight_scale_second",
+                                                       "scale -2.0 at [3, 0] is not finite and non-negative"])
+
+
+def test_verify_source_all_reports_every_weight_byte_that_differs(pristine, tmp_path):
+    """Packed "1.0.0" weights hold two int4 per byte and every byte is valid, so no rule can fail:
+    `verify --source --all` compares every value and counts each one that differs."""
+    src = _copy_source(pristine[0], tmp_path / "src")
+    weights = src / "quant_model_weights.safetensors"
+    name = f"{MOE}.experts.3.up_proj.weight"
+    header, data = read_raw(weights)
+    begin = header[name]["data_offsets"][0]
+    _poke(weights, name, 100, bytes(b ^ 0xFF for b in data[begin + 100:begin + 103]))  # 3 bytes, 6 int4 values
+    run = run_main("verify", pristine[1], "--source", src, "--all")
+    assert run.returncode == ExitCode.VERIFY_FAILED, run.describe()
+    assert f"problem: {MOE}.experts.3.up_proj.*: 6 of 2048 unpacked int4 values differ from the source's" in run.stderr
+
+
+# -- verify accepts only what the runtime can serve, and never raises ---------------------------------------
+
+
+def test_verify_refuses_a_stamp_that_records_no_module(damaged):
+    """What converting a converted directory gives: every tensor passed through, nothing to serve."""
+    _stamp(damaged, lambda s: s.update(modules={}))
+    error = _refused(damaged)
+    assert "stamp records no converted module" in str(error)
+    run = run_main("verify", damaged)
+    assert run.returncode == ExitCode.VERIFY_FAILED and "stamp records no converted module" in run.stderr
+
+
+def test_verify_with_an_invalid_source_exits_3_and_a_damaged_output_exits_5(pristine, damaged, tmp_path):
+    (tmp_path / "not-a-checkpoint").mkdir()
+    run = run_main("verify", pristine[1], "--source", tmp_path / "not-a-checkpoint")
+    assert_clean_failure(run, ExitCode.INVALID_INPUT, ["this is not an msModelSlim checkpoint"])
+    _moe_shard(damaged).write_bytes(b"\0" * 64)
+    run = run_main("verify", damaged, "--source", pristine[0], "--all")
+    assert run.returncode == ExitCode.VERIFY_FAILED and "Traceback" not in run.stderr, run.describe()
+
+
+def test_an_output_path_that_is_not_utf8_converts_verifies_and_serves(pristine, tmp_path):
+    out = Path(os.fsdecode(bytes(tmp_path) + b"/out-\xff"))
+    run = run_main("convert", pristine[0], out, "--workers", "1")
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.describe()
+    run = run_main("verify", out, "--source", pristine[0], "--all")
+    assert run.returncode == 0, run.describe()
+    assert NpuReadyCheckpoint.open(out).moe_layer(MOE)["w13_weight"].dtype == torch.int32
+
+
 def test_reliability_doc_lists_every_fault():
     doc = (REPO / "docs" / "reliability.md").read_text()
     others = ["disk-free-precheck", "resume-changed-description", "resume-changed-tensor-data",
               "resume-unreadable-journal", "resume-other-options", "rt-truncated-shard", "rt-garbage-header",
               "rt-tampered-hash", "rt-foreign-layout", "rt-future-layout-version", "rt-shard-outside", "rt-split",
               "rt-stamp-disagrees", "rt-malformed-records", "rt-swapped-shards", "rt-truncated-after-open",
-              "plugin-changed-shard"]
+              "plugin-changed-shard", "edited-after-validation", "verify-source-rules", "verify-weight-bytes",
+              "verify-no-module", "verify-invalid-source", "output-not-utf8", "ro-force-resume",
+              "resume-entry-is-a-directory"]
     assert not [name for name in [*FAULTS, *others] if f"`{name}`" not in doc]

@@ -1,9 +1,11 @@
 """The verbs the CLI, CI scripts and the runtime share: `convert` and `inspect`."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import resource
+import stat
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -11,14 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .constants import (CONVERTED_TYPE, DESCRIPTION_NAME, INDEX_NAME, LAYOUT_NAME, LAYOUT_VERSION, STAMP_KEY,
-                        Variant)
+from .constants import (CONVERTED_TYPE, DESCRIPTION_NAME, INDEX_NAME, LAYOUT_NAME, LAYOUT_VERSION, MAX_OPTION_VALUE,
+                        STAMP_KEY, Variant)
 from .engine import JOURNAL_NAME, Journal, plan_fingerprint, run_shards, source_files_identity
 from .errors import InvalidCheckpointError, OutputLocationError, UsageError, WriteError
 from .output import human_bytes
 from .plan import CopyBytes, LinearModule, MoeLayer, Plan, make_plan
 from .produce import check_small_tensors
-from .resources import ResourcePlan, estimate_resources, free_disk_bytes
+from .resources import ResourcePlan, estimate_resources, free_disk_bytes, usable_cpus
 from .runtime.vllm_ascend import serving_release_lines
 from .source import TensorReader, open_source
 from .source.checkpoint import DEFAULT_GROUP_SIZE, GroupSizeFrom, SourceCheckpoint, read_json
@@ -68,6 +70,7 @@ class ConvertReport:
             "tensors_passed_through": self.tensors_passed_through, "source_bytes": self.source_bytes,
             "output_bytes": self.output_bytes, "seconds": round(self.seconds, 3),
             "peak_rss_bytes": self.peak_rss_bytes, "workers": self.resources.workers,
+            "workers_requested": self.resources.workers_requested, "usable_cpus": usable_cpus(),
             "plan": self.resources.summary(), "warnings": self.warnings,
         }
 
@@ -113,6 +116,36 @@ def build_stamp(plan: Plan, shards: list[WrittenShard], source_fingerprint: str)
 _OWN_FILE = re.compile(r"^(model-\d{5}-of-\d{5}\.safetensors|\..+\.partial)$")
 
 
+def _check_options(options: ConvertOptions) -> None:
+    for name, value in (("max_shard_bytes", options.max_shard_bytes), ("workers", options.workers)):
+        if type(value) is not int or not 1 <= value <= MAX_OPTION_VALUE:
+            raise UsageError(f"{name} {value!r} is not an integer from 1 to {MAX_OPTION_VALUE}")
+
+
+def _existing_entries(output: Path) -> list[Path] | None:
+    """The output directory's entries, or None when it does not exist; exit 2 when it cannot be used."""
+    try:
+        info = os.stat(output)
+    except (FileNotFoundError, NotADirectoryError):  # to be created (or refused by mkdir)
+        return None
+    except OSError as exc:  # a component over the name limit, a loop of links, no permission to look
+        raise OutputLocationError(f"{output}: cannot use as the output directory: {exc.strerror or exc}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise OutputLocationError(f"{output}: exists and is not a directory")
+    try:
+        return sorted(output.iterdir())
+    except OSError as exc:
+        raise OutputLocationError(f"{output}: cannot list: {exc.strerror or exc}") from None
+
+
+def _remove(path: Path, what: str, error: type[OutputLocationError] | type[WriteError]) -> None:
+    """Remove one file of ours; an OS error (read-only file system, a directory in its place) names the path."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise error(f"{path}: cannot remove {what}: {exc.strerror or exc}") from None
+
+
 def _prepare_output(source_root: Path, output: Path, copied: set[str], options: ConvertOptions) -> None:
     """Refuse unsafe locations; with --force, clear a previous output's files (and nothing else)."""
     src, dst = os.path.realpath(source_root), os.path.realpath(output)
@@ -120,22 +153,21 @@ def _prepare_output(source_root: Path, output: Path, copied: set[str], options: 
         raise OutputLocationError(f"{output}: the output directory must not be the source directory or inside it")
     if os.path.commonpath([src, dst]) == dst:
         raise OutputLocationError(f"{output}: the output directory must not contain the source directory")
-    if output.exists() and not output.is_dir():
-        raise OutputLocationError(f"{output}: exists and is not a directory")
-    entries = sorted(output.iterdir()) if output.exists() else []
+    entries = _existing_entries(output) or []
     if not entries or options.resume:
         return
     if not options.force:
         raise OutputLocationError(f"{output}: exists and is not empty (use --resume to finish an interrupted "
                                   "conversion, or --force to replace a previous one)")
     ours = {INDEX_NAME, DESCRIPTION_NAME, JOURNAL_NAME, *copied}
-    foreign = [p.name for p in entries if p.name not in ours and not _OWN_FILE.match(p.name)]
+    foreign = [p.name for p in entries
+               if (p.name not in ours and not _OWN_FILE.match(p.name)) or (p.is_dir() and not p.is_symlink())]
     if foreign:
         raise OutputLocationError(f"{output}: --force replaces only a previous w4a8conv output, and "
                                   f"{', '.join(foreign[:5])} is not part of one")
     if not options.dry_run:
         for entry in entries:
-            entry.unlink()
+            _remove(entry, "the previous output's file (--force)", OutputLocationError)
 
 
 def _peak_rss_bytes() -> int:
@@ -169,6 +201,7 @@ def convert(source: Path | str, output: Path | str, *, options: ConvertOptions |
         >>> convert("qwen3-w4a8", "qwen3-npu").tensors_written  # doctest: +SKIP
     """
     options = options or ConvertOptions()
+    _check_options(options)
     started = time.monotonic()
     source_root, output = Path(source), Path(output)
     phase = on_phase or (lambda _text: None)
@@ -213,21 +246,22 @@ def convert(source: Path | str, output: Path | str, *, options: ConvertOptions |
     if options.resume:
         journal = Journal.resume(output, fingerprint, files, plan_fp)
         for stale in output.glob(".*.partial"):
-            stale.unlink()
+            _remove(stale, "a partial file of the interrupted run", WriteError)
     else:
         journal = Journal.start(output, fingerprint, files, plan_fp)
     total = resources.write_bytes
     phase(f"writing {len(shards):,} shard(s), {human_bytes(total)}, with {resources.workers} worker(s)"
           + (f" ({len(journal.done):,} finished before: re-hashed and kept)" if journal.done else ""))
     try:
-        written = run_shards(output, shards, metadata, src.tensors, journal, options.workers,
+        written = run_shards(output, shards, metadata, src.tensors, journal, resources.workers,
                              (lambda n: on_progress(n, total)) if on_progress else (lambda _n: None))
     except InvalidCheckpointError:
         # The source itself is bad (a weight found out of range): nothing here is worth resuming.
-        for name in [s.file_name for s in shards] + [JOURNAL_NAME]:
-            (output / name).unlink(missing_ok=True)
-        if created:
-            output.rmdir()
+        with contextlib.suppress(OSError):  # best effort: the error to report is the source's
+            for name in [s.file_name for s in shards] + [JOURNAL_NAME]:
+                (output / name).unlink(missing_ok=True)
+            if created:
+                output.rmdir()
         raise
     for extra in copied:
         copy_file_atomic(extra, output / extra.name)
@@ -239,7 +273,7 @@ def convert(source: Path | str, output: Path | str, *, options: ConvertOptions |
     description = plan.output_description()
     description[STAMP_KEY] = build_stamp(plan, written, fingerprint)
     write_json_atomic(output / DESCRIPTION_NAME, description)
-    journal.path.unlink()
+    _remove(journal.path, "the journal of the finished run", WriteError)
     return report(written)
 
 

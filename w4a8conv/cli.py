@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import __version__
-from .constants import ExitCode
+from .constants import MAX_OPTION_VALUE, ExitCode
 from .errors import W4A8Error
 from .output import human_bytes as _human, sink
 
@@ -141,12 +141,22 @@ def parse_size(text: str) -> int:
         raise typer.BadParameter(f"{text!r} is not a finite size")
     if value < 1:
         raise typer.BadParameter("the shard size must be at least 1 byte")
+    if value > MAX_OPTION_VALUE:
+        raise typer.BadParameter(f"the shard size must be at most {MAX_OPTION_VALUE} bytes, not {text!r}")
     return int(value)
 
 
 SizeOpt = Annotated[int, typer.Option("--max-shard-size", parser=parse_size, metavar="SIZE", show_default="4GB",
                                       help="Largest output shard: 4GB = 4·10^9 bytes; 4GiB = 4G = 4·2^30 bytes; "
                                            "also KB, MB, TB, MiB, M and plain bytes.")]
+
+
+def _capped(summary: dict) -> str:
+    """Why fewer workers ran than were asked for: one per shard at most, one per usable CPU at most."""
+    if summary["workers"] == summary["workers_requested"]:
+        return ""
+    return (f" (of {summary['workers_requested']} requested: {summary['shards']} shard(s), "
+            f"{summary['usable_cpus']} usable CPU(s))")
 
 
 def _plan_rows(plan: dict) -> list[tuple[str, str]]:
@@ -202,7 +212,8 @@ def convert(
                     f"{summary['shards']} shard(s), {_human(summary['source_bytes'])} -> "
                     f"{_human(summary['output_bytes'])} in {summary['seconds']:.1f} s ({summary['wall_seconds']:.1f} s "
                     f"since start) with {summary['workers']} "
-                    f"worker(s), peak RSS {_human(summary['peak_rss_bytes'])} -> {summary['output']}")
+                    f"worker(s){_capped(summary)}, peak RSS {_human(summary['peak_rss_bytes'])} -> "
+                    f"{summary['output']}")
     for note in summary["warnings"]:
         sink.warning(note)
 

@@ -6,7 +6,7 @@ from enum import Enum, IntEnum
 __all__ = [
     "SOURCE_TYPE", "CONVERTED_TYPE", "LAYOUT_NAME", "LAYOUT_VERSION", "STAMP_KEY",
     "DOWN_BIAS_CHUNKS", "INT4_PER_INT32", "QuantVersion", "Variant",
-    "ExitCode", "DESCRIPTION_NAME", "INDEX_NAME", "SHARD_NAME",
+    "ExitCode", "DESCRIPTION_NAME", "INDEX_NAME", "SHARD_NAME", "MAX_OPTION_VALUE",
 ]
 
 SOURCE_TYPE = "W4A8_DYNAMIC"
@@ -24,6 +24,7 @@ INT4_PER_INT32 = 8
 DESCRIPTION_NAME = "quant_model_description.json"
 INDEX_NAME = "model.safetensors.index.json"
 SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
+MAX_OPTION_VALUE = 2**63 - 1  # the largest file size: a shard size or worker count above it is absurd
 
 
 class QuantVersion(str, Enum):

@@ -117,9 +117,12 @@ class Journal:
     def still_valid(self, output: Path, name: str) -> WrittenShard | None:
         """The journaled shard, if its file is still there with the recorded size and hash."""
         entry, path = self.done.get(name), output / name
-        if entry is None or not path.is_file() or path.stat().st_size != entry["bytes"]:
-            return None
-        if sha256_file(path) != entry["sha256"]:
+        try:
+            if entry is None or not path.is_file() or path.stat().st_size != entry["bytes"]:
+                return None
+            if sha256_file(path) != entry["sha256"]:
+                return None
+        except OSError:  # unreadable: written again (and a write that fails too names the path)
             return None
         return WrittenShard(name, entry["bytes"], entry["sha256"])
 

@@ -297,14 +297,26 @@ def check_linear(ckpt: NpuReadyCheckpoint, src: SourceCheckpoint, reader: Tensor
                            model_dtype, tokens=tokens, seed=seed)
 
 
+def source_mismatch(ckpt: NpuReadyCheckpoint, src: SourceCheckpoint) -> str | None:
+    """Why `src` is not the source `ckpt` was converted from, or None."""
+    if src.fingerprint() != ckpt.stamp["source"].get("fingerprint"):
+        return "is not the checkpoint this output was converted from (source fingerprint differs from the stamp's)"
+    return None
+
+
+def open_converted_source(ckpt: NpuReadyCheckpoint, source_dir: Path | str) -> SourceCheckpoint:
+    """The source opened as the conversion read it: its model dtype, and a group size given as an option."""
+    stated = ckpt.stamp["source"].get("group_size_from") == "option"  # --group-size: state it again
+    return open_source(source_dir, model_dtype=ckpt.stamp["source"].get("model_dtype"),
+                       group_size=ckpt.stamp["source"]["group_size"] if stated else None)
+
+
 def open_matching_source(ckpt: NpuReadyCheckpoint, source_dir: Path | str) -> SourceCheckpoint:
     """The source `ckpt` was converted from, opened as the conversion read it; refuses any other."""
-    stated = ckpt.stamp["source"].get("group_size_from") == "option"  # --group-size: state it again
-    src = open_source(source_dir, model_dtype=ckpt.stamp["source"].get("model_dtype"),
-                      group_size=ckpt.stamp["source"]["group_size"] if stated else None)
-    if src.fingerprint() != ckpt.stamp["source"]["fingerprint"]:
-        raise InvalidCheckpointError("is not the checkpoint this output was converted from (source fingerprint "
-                                     "differs from the stamp's)", file=source_dir)
+    src = open_converted_source(ckpt, source_dir)
+    mismatch = source_mismatch(ckpt, src)
+    if mismatch:
+        raise InvalidCheckpointError(mismatch, file=source_dir)
     return src
 
 

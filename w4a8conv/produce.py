@@ -1,8 +1,9 @@
 """Executes a plan's recipes: loads the source tensors a recipe needs, applies the pure transform,
 and yields the output tensor's bytes (copied tensors in chunks).
 
-Content rules that need tensor data run here: `check_small_tensors` before anything is written,
-and the int4 range of version "0" weights as each weight is read.
+Content rules that need tensor data run here (`check_parts`): on scales, offsets and biases in
+`check_small_tensors` before anything is written, and on every value a recipe reads as it converts
+it (the int4 range of version "0" weights, and the small tensors again).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from .transforms.rules import (bias_total_violation, finite_violation, fp16_over
                                scale_violation, zero_violation)
 from .transforms.scales import fuse_group_scales_fp16, round_to_dtype
 
-__all__ = ["produce", "source_names", "check_small_tensors", "COPY_CHUNK_BYTES"]
+__all__ = ["produce", "source_names", "check_small_tensors", "check_parts", "COPY_CHUNK_BYTES"]
 
 COPY_CHUNK_BYTES = 64 * 2**20
 
@@ -32,23 +33,39 @@ _SMALL_TENSOR_RULES = {
 }
 
 
-def _load_parts(reader: TensorReader, tensors: Mapping[str, TensorRef], names: Mapping[str, str],
-                rules: Mapping[str, Callable[[torch.Tensor], str | None]]) -> dict[str, torch.Tensor]:
-    """Load a projection's source tensors, applying the rule of each suffix that has one."""
-    parts = {}
-    for suffix, name in names.items():
-        ref = tensors[name]
-        parts[suffix] = tensor = reader.load(ref)
+def check_parts(parts: Mapping[str, torch.Tensor], refs: Mapping[str, TensorRef], *, packed_pairs: bool,
+                model_dtype: torch.dtype | None = None) -> None:
+    """Every content rule on source values of one expert projection (`model_dtype` None) or one Linear
+    layer: each suffix's rule, the int4 range of version "0" weights, fused per-group scales within
+    fp16 (MoE) and scales within the model dtype (Linear). `InvalidCheckpointError` names the tensor.
+
+    The pre-pass, each recipe as it reads the values it converts, and `verify --source` all run this."""
+    rules = _SMALL_TENSOR_RULES if packed_pairs else {**_SMALL_TENSOR_RULES, "weight": int4_range_violation}
+    for suffix, tensor in parts.items():
         rule = rules.get(suffix)
         problem = rule(tensor) if rule else None
         if problem:
+            raise InvalidCheckpointError(problem, file=refs[suffix].file, tensor=refs[suffix].name)
+    if model_dtype is None and "weight_scale" in parts and "weight_scale_second" in parts:
+        problem = fp16_overflow_violation(fuse_group_scales_fp16(parts["weight_scale"], parts["weight_scale_second"]))
+        if problem:
+            ref = refs["weight_scale_second"]
             raise InvalidCheckpointError(problem, file=ref.file, tensor=ref.name)
+    for suffix in ("weight_scale", "weight_scale_second") if model_dtype is not None else ():
+        if suffix in parts and finite_violation(round_to_dtype(parts[suffix], model_dtype)):
+            ref = refs[suffix]
+            raise InvalidCheckpointError(f"scale overflows the model dtype {model_dtype}", file=ref.file,
+                                         tensor=ref.name)
+
+
+def _load_checked(reader: TensorReader, tensors: Mapping[str, TensorRef], names: Mapping[str, str], *,
+                  packed_pairs: bool, model_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Load source tensors by suffix and check them: what a rule accepted is exactly what is converted,
+    even if the file changed since the pre-pass (scales are small: reading them twice is cheap)."""
+    parts = {suffix: reader.load(tensors[name]) for suffix, name in names.items()}
+    check_parts(parts, {suffix: tensors[name] for suffix, name in names.items()}, packed_pairs=packed_pairs,
+                model_dtype=model_dtype)
     return parts
-
-
-def _weight_rules(packed_pairs: bool) -> dict[str, Callable[[torch.Tensor], str | None]]:
-    """While converting, only version "0" weights still need a check (the rest passed `check_small_tensors`)."""
-    return {} if packed_pairs else {"weight": int4_range_violation}
 
 
 def _as_bytes(piece: torch.Tensor, tensor: OutputTensor, shape: tuple[int, ...]) -> memoryview:
@@ -72,7 +89,7 @@ def _expert(tensor: OutputTensor, recipe: ExpertTensor, reader: TensorReader,
     output = spec.outputs[recipe.output]
     is_down = recipe.proj == layer.projections[2]
     names = {s: layer.source_name(recipe.expert, recipe.proj, s) for s in output.needs}
-    parts = _load_parts(reader, tensors, names, _weight_rules(spec.packed_pairs))
+    parts = _load_checked(reader, tensors, names, packed_pairs=spec.packed_pairs)
     piece = output.make(parts, DOWN_BIAS_CHUNKS if is_down else 1)
     if recipe.output == "scale_bias" and is_down and spec.down_bias_total:
         problem = bias_total_violation(piece, parts["scale_bias"])
@@ -89,15 +106,16 @@ def _linear(tensor: OutputTensor, recipe: LinearTensor, reader: TensorReader,
     spec = LINEAR_SPECS[recipe.module.variant]
     output = spec.outputs[recipe.output]
     names = {s: recipe.module.source_name(s) for s in output.needs}
-    piece = output.make(_load_parts(reader, tensors, names, _weight_rules(spec.packed_pairs)),
-                        MODEL_DTYPES[recipe.model_dtype])
+    dtype = MODEL_DTYPES[recipe.model_dtype]
+    piece = output.make(_load_checked(reader, tensors, names, packed_pairs=spec.packed_pairs, model_dtype=dtype),
+                        dtype)
     yield _as_bytes(piece, tensor, tensor.shape)
 
 
 def _translated(tensor: OutputTensor, recipe: TranslatedTensor, reader: TensorReader,
                 tensors: Mapping[str, TensorRef]) -> Iterator[memoryview]:
     spec = TRANSLATIONS[recipe.translation][recipe.output]
-    parts = _load_parts(reader, tensors, {spec.needs: recipe.source_name()}, _SMALL_TENSOR_RULES)
+    parts = _load_checked(reader, tensors, {spec.needs: recipe.source_name()}, packed_pairs=True)
     yield _as_bytes(spec.make(parts), tensor, tensor.shape)
 
 
@@ -123,34 +141,20 @@ def produce(tensor: OutputTensor, reader: TensorReader, tensors: Mapping[str, Te
 
 
 def check_small_tensors(plan: Plan, reader: TensorReader) -> None:
-    """Every rule on scales, offsets and biases, checked before the first output byte is written.
-
-    Also refuses fused per-group scales that overflow fp16 (vllm-ascend would serve inf) and Linear
-    scales that overflow the model dtype. Weights are checked as they are converted.
-    """
+    """Every rule on scales, offsets and biases (`check_parts`), checked before the first output byte
+    is written. Weights are checked as they are converted; the recipes check the small tensors again."""
     tensors = plan.source.tensors
     for layer in plan.moe_layers:
         suffixes = [s for s in layer.source_suffixes() if s != "weight"]
+        packed_pairs = MOE_SPECS[layer.variant].packed_pairs
         for expert in range(layer.num_experts):
             for proj in layer.projections:
-                names = {s: layer.source_name(expert, proj, s) for s in suffixes}
-                parts = _load_parts(reader, tensors, names, _SMALL_TENSOR_RULES)
-                if "weight_scale_second" in parts:
-                    fused = fuse_group_scales_fp16(parts["weight_scale"], parts["weight_scale_second"])
-                    problem = fp16_overflow_violation(fused)
-                    if problem:
-                        ref = tensors[names["weight_scale_second"]]
-                        raise InvalidCheckpointError(problem, file=ref.file, tensor=ref.name)
+                _load_checked(reader, tensors, {s: layer.source_name(expert, proj, s) for s in suffixes},
+                              packed_pairs=packed_pairs)
     for tensor in plan.tensors:
         if isinstance(tensor.recipe, TranslatedTensor):
             name = tensor.recipe.source_name()
-            _load_parts(reader, tensors, {name.rpartition(".")[2]: name}, _SMALL_TENSOR_RULES)
+            _load_checked(reader, tensors, {name.rpartition(".")[2]: name}, packed_pairs=True)
     for module in plan.linears:
-        names = {s: module.source_name(s) for s in module.source_suffixes() if s != "weight"}
-        parts = _load_parts(reader, tensors, names, _SMALL_TENSOR_RULES)
-        dtype = plan.source.model_dtype
-        for suffix in ("weight_scale", "weight_scale_second"):
-            if finite_violation(round_to_dtype(parts[suffix], dtype)):
-                ref = tensors[names[suffix]]
-                raise InvalidCheckpointError(f"scale overflows the model dtype {dtype}", file=ref.file,
-                                             tensor=ref.name)
+        _load_checked(reader, tensors, {s: module.source_name(s) for s in module.source_suffixes() if s != "weight"},
+                      packed_pairs=LINEAR_SPECS[module.variant].packed_pairs, model_dtype=plan.source.model_dtype)

@@ -3,6 +3,7 @@ of each worker's peak memory, and the disk it needs against the disk it has."""
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from .plan import CopyBytes, ExpertTensor, OutputTensor, Plan, TranslatedTensor
 from .produce import COPY_CHUNK_BYTES, source_names
 from .writer import ShardPlan
 
-__all__ = ["ResourcePlan", "estimate_resources", "free_disk_bytes", "BASELINE_RSS_BYTES"]
+__all__ = ["ResourcePlan", "estimate_resources", "free_disk_bytes", "usable_cpus", "BASELINE_RSS_BYTES"]
 
 # RSS of a worker before it converts anything (python + torch + safetensors), measured on x86_64.
 BASELINE_RSS_BYTES = 350 * 2**20
@@ -27,7 +28,8 @@ class ResourcePlan:
     read_bytes: int
     write_bytes: int
     peak_worker_bytes: int
-    workers: int
+    workers: int  # worker processes used: the request capped at the shards and the usable CPUs
+    workers_requested: int
     disk_free_bytes: int | None
 
     @property
@@ -37,6 +39,7 @@ class ResourcePlan:
     def summary(self) -> dict:
         return {"shards": self.shards, "read_bytes": self.read_bytes, "write_bytes": self.write_bytes,
                 "peak_worker_bytes": self.peak_worker_bytes, "workers": self.workers,
+                "workers_requested": self.workers_requested,
                 "peak_total_bytes": self.peak_total_bytes, "disk_free_bytes": self.disk_free_bytes}
 
 
@@ -59,6 +62,14 @@ def _working_set(plan: Plan, tensor: OutputTensor) -> int:
     return loaded + piece + (per_element * out * inp if reads_weight else 2 * loaded)
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, as a container or taskset sets it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def free_disk_bytes(path: Path) -> int | None:
     """Free bytes on the file system that holds `path` (or its nearest existing parent)."""
     probe = Path(path).absolute()
@@ -78,6 +89,7 @@ def estimate_resources(plan: Plan, shards: list[ShardPlan], output: Path, worker
         read_bytes=sum(r.nbytes for r in plan.source.tensors.values()),
         write_bytes=sum(s.data_bytes for s in shards),
         peak_worker_bytes=int(math.ceil(peak)),
-        workers=max(1, min(workers, len(shards))),
+        workers=max(1, min(workers, len(shards), usable_cpus())),
+        workers_requested=workers,
         disk_free_bytes=free_disk_bytes(output),
     )

@@ -17,11 +17,13 @@ import torch
 from .constants import DESCRIPTION_NAME, DOWN_BIAS_CHUNKS, INDEX_NAME
 from .engine import sha256_file
 from .layout import expert_tensor_specs
-from .errors import InvalidCheckpointError, UsageError, W4A8Error
-from .numerics import LayerNumerics, LinearNumerics, check_numerics, open_matching_source
+from .errors import InvalidCheckpointError, NotConvertedError, UsageError, W4A8Error
+from .numerics import LayerNumerics, LinearNumerics, check_numerics, open_converted_source, source_mismatch
 from .plan import CopyBytes, TranslatedTensor, make_plan
+from .produce import check_parts
 from .runtime import NpuReadyCheckpoint
 from .source import SourceCheckpoint, TensorReader
+from .source.checkpoint import MODEL_DTYPES
 from .source.safetensors_file import TensorRef, read_header
 from .transforms import LINEAR_SPECS, MOE_SPECS, TRANSLATIONS
 from .transforms.int4 import unpack_int32_to_int4
@@ -133,15 +135,31 @@ class _Fidelity:
     def fail(self, tensor: str, rule: str) -> None:
         self.report.problems.append(f"{tensor}: {rule}")
 
+    def source_parts(self, names: dict[str, str], packed_pairs: bool,
+                     model_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The source values of one projection or Linear layer, under the content rules the conversion
+        applies: a source edited after converting must not pass as the values that were converted
+        (`InvalidCheckpointError`, exit 3, as `convert` would give)."""
+        parts = {suffix: self.src(name) for suffix, name in names.items()}
+        check_parts(parts, {suffix: self.source[name] for suffix, name in names.items()}, packed_pairs=packed_pairs,
+                    model_dtype=model_dtype)
+        return parts
+
+    def compare_int4(self, name: str, unpacked: torch.Tensor, expected: torch.Tensor) -> None:
+        """Every int4 value that differs is counted; the first few are named ([in, out])."""
+        differ = unpacked != expected
+        count = int(differ.sum())
+        if count:
+            where = torch.nonzero(differ)[:4].tolist()
+            self.fail(name, f"{count} of {differ.numel()} unpacked int4 values differ from the source's "
+                            f"(at [in, out] {where}{' ...' if count > 4 else ''})")
+
     def projection(self, name: str, values: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor | None,
                    fp16_fused: bool, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
                    checkpoint_bias: torch.Tensor | None, chunks: int) -> None:
         """Compare one decoded projection (kernel orientation) with its source values."""
         self.report.tensors_compared += 1
-        unpacked = unpack_int32_to_int4(packed)
-        if not torch.equal(unpacked, values.t()):
-            diff = torch.nonzero(unpacked != values.t())[0].tolist()
-            self.fail(name, f"unpacked int4 differ from the source at [in, out] = {diff}")
+        self.compare_int4(name, unpack_int32_to_int4(packed), values.t())
         if not high_words_are_zero(scale):
             self.fail(name, "an int64 scale has a non-zero high word")
         decoded = decode_int64_to_fp32(scale)
@@ -169,12 +187,22 @@ def _sample_experts(count: int, sample: int | None, rng: random.Random) -> list[
     return sorted(chosen)
 
 
+class _OutputReader(TensorReader):
+    """Reads the converted shards: what goes wrong there is a problem of the output, not of the source."""
+
+    def read_into(self, ref: TensorRef, buf: memoryview, start: int = 0) -> None:
+        try:
+            super().read_into(ref, buf, start)
+        except InvalidCheckpointError as exc:
+            raise NotConvertedError(exc.rule, file=exc.file, tensor=exc.tensor) from None
+
+
 def _check_fidelity(ckpt: NpuReadyCheckpoint, src: SourceCheckpoint, stored: dict[str, TensorRef],
                     report: VerifyReport, sample: int | None, seed: int) -> None:
     """Compare decoded tensors with the source's values."""
     plan = make_plan(src)
     rng = random.Random(seed)
-    with TensorReader() as reader, TensorReader() as source_reader:
+    with _OutputReader() as reader, TensorReader() as source_reader:
         check = _Fidelity(report, reader, source_reader, src.tensors, stored)
         for layer in plan.moe_layers:
             spec = MOE_SPECS[layer.variant]
@@ -187,7 +215,8 @@ def _check_fidelity(ckpt: NpuReadyCheckpoint, src: SourceCheckpoint, stored: dic
                     if None in outs.values():
                         report.problems.append(f"{layer.prefix}.experts.{e}.{proj}: converted tensors missing")
                         continue
-                    parts = {s: check.src(layer.source_name(e, proj, s)) for s in layer.source_suffixes()}
+                    parts = check.source_parts({s: layer.source_name(e, proj, s) for s in layer.source_suffixes()},
+                                               spec.packed_pairs)
                     check.projection(
                         f"{layer.source_name(e, proj, '*')}", spec.int4_values(parts["weight"]),
                         *spec.scales.factors(parts), spec.scales.fp16_fused,
@@ -196,16 +225,17 @@ def _check_fidelity(ckpt: NpuReadyCheckpoint, src: SourceCheckpoint, stored: dic
                         DOWN_BIAS_CHUNKS if is_down else 1)
         for module in plan.linears:
             spec = LINEAR_SPECS[module.variant]
-            get = lambda s: check.src(module.source_name(s))  # noqa: E731
             names = {o: f"{module.prefix}.{o}" for o in spec.outputs}
             if any(n not in stored for n in names.values()):
                 report.problems.append(f"{module.prefix}: converted tensors missing")
                 continue
             report.tensors_compared += 1
-            values = spec.int4_values(get("weight"))
-            if not torch.equal(unpack_int32_to_int4(reader.load(stored[names["weight"]])), values.t()):
-                check.fail(names["weight"], "unpacked int4 differ from the source")
             dtype = src.model_dtype
+            parts = check.source_parts({s: module.source_name(s) for s in module.source_suffixes()},
+                                       spec.packed_pairs, dtype)
+            get = parts.__getitem__
+            check.compare_int4(names["weight"], unpack_int32_to_int4(reader.load(stored[names["weight"]])),
+                               spec.int4_values(get("weight")).t())
             exact = get("weight_scale").float().reshape(1, -1) * get("weight_scale_second").float().t()
             expected = (round_to_dtype(get("weight_scale"), dtype).reshape(1, -1)
                         * round_to_dtype(get("weight_scale_second"), dtype).t())
@@ -217,7 +247,7 @@ def _check_fidelity(ckpt: NpuReadyCheckpoint, src: SourceCheckpoint, stored: dic
             report.tensors_compared += 1
             ref = stored.get(tensor.name)
             translation = TRANSLATIONS[tensor.recipe.translation][tensor.recipe.output]
-            source_value = check.src(tensor.recipe.source_name())
+            source_value = check.source_parts({translation.needs: tensor.recipe.source_name()}, True)[translation.needs]
             if ref is None or ref.dtype != tensor.dtype or ref.shape != tensor.shape:
                 report.problems.append(f"{tensor.name}: translated tensor missing or reshaped")
             elif not torch.equal(reader.load(ref), translation.make({translation.needs: source_value})):
@@ -253,8 +283,9 @@ def verify(path: Path | str, *, source: Path | str | None = None, sample: int | 
     against the source's fp32 forward, and `sample` W4A8 Linear layers through the A16W4 emulation
     (`report.numerics`, `report.worst["numerics"]`); nothing to run is a problem.
 
-    Never raises for a damaged output: every finding is in `report.problems`. `numerics` without
-    `source` is a `UsageError`.
+    Never raises for a damaged output: every finding is in `report.problems` (the CLI's exit 5).
+    Raises `InvalidCheckpointError` only for a `source` that is unreadable or breaks a rule the
+    conversion applies, content rules included (exit 3); `numerics` without `source` is a `UsageError`.
     """
     if numerics and source is None:
         raise UsageError("the numerics check needs the source checkpoint (source=...)")
@@ -265,14 +296,28 @@ def verify(path: Path | str, *, source: Path | str | None = None, sample: int | 
     except W4A8Error as exc:
         report.problems.append(str(exc))
         return report
-    stored = _check_integrity(ckpt, report)
-    if source is not None and report.ok:
-        try:
-            src = open_matching_source(ckpt, source)
-            _check_fidelity(ckpt, src, stored, report, sample, seed)
-            # Numerics runs even when fidelity found differences: its errors say how much they matter.
-            if numerics:
-                _check_numerics(ckpt, src, report, sample, seed)
-        except W4A8Error as exc:
-            report.problems.append(str(exc))
+    try:
+        stored = _check_integrity(ckpt, report)
+    except (W4A8Error, OSError) as exc:  # a file that changed while it was checked
+        report.problems.append(str(exc) if isinstance(exc, W4A8Error) else f"{exc.filename}: {exc.strerror or exc}")
+        return report
+    if source is None or not report.ok:
+        return report
+    model_dtype = ckpt.stamp["source"].get("model_dtype")
+    if model_dtype is not None and model_dtype not in MODEL_DTYPES:
+        report.problems.append(f"{path / DESCRIPTION_NAME}: the stamp's source model_dtype {model_dtype!r} is not "
+                               f"one of {', '.join(MODEL_DTYPES)}")
+        return report
+    src = open_converted_source(ckpt, source)  # an invalid source is exit 3, not a problem of the output
+    mismatch = source_mismatch(ckpt, src)
+    if mismatch:
+        report.problems.append(f"{source}: {mismatch}")
+        return report
+    try:
+        _check_fidelity(ckpt, src, stored, report, sample, seed)
+        # Numerics runs even when fidelity found differences: its errors say how much they matter.
+        if numerics:
+            _check_numerics(ckpt, src, report, sample, seed)
+    except NotConvertedError as exc:  # the output (source errors propagate: the source is invalid)
+        report.problems.append(str(exc))
     return report

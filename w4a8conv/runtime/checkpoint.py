@@ -148,6 +148,9 @@ def stamp_problem(stamp: dict) -> str | None:
     lines = stamp.get("serving_releases", [])
     if not (isinstance(lines, list) and all(isinstance(line, str) for line in lines)):
         return "stamp's serving_releases is not a list of vllm-ascend release lines"
+    if not stamp["modules"]:
+        return ("stamp records no converted module: there is nothing for the A8W4 kernels to serve (was the "
+                "source an already converted directory, or one without W4A8_DYNAMIC modules?)")
     for name, entry in stamp["shards"].items():
         if not _plain_name(name):
             return f"stamp names shard {name!r}, which is not a file name in this directory"

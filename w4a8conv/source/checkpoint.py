@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -327,7 +328,13 @@ def open_source(root: Path | str, *, model_dtype: str | None = None, group_size:
 
     `group_size` states the group size of a description that has none (checked against the shapes)."""
     root = Path(root)
-    if not root.is_dir():
+    try:
+        is_dir = stat.S_ISDIR(os.stat(root).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        is_dir = False
+    except OSError as exc:  # a component over the name limit, a loop of links, no permission to look
+        raise InvalidCheckpointError(f"cannot read: {exc.strerror or exc}", file=root) from None
+    if not is_dir:
         raise InvalidCheckpointError("not a directory", file=root)
     description_file = _find_description(root)
     _check_inside(root, description_file)

@@ -37,6 +37,13 @@ class TensorReader:
 
     def read_into(self, ref: TensorRef, buf: memoryview, start: int = 0) -> None:
         """Fill `buf` with the tensor's bytes from `start` on."""
+        try:
+            self._read_into(ref, buf, start)
+        except OSError as exc:
+            raise InvalidCheckpointError(f"cannot read: {exc.strerror or exc}", file=ref.file,
+                                         tensor=ref.name) from None
+
+    def _read_into(self, ref: TensorRef, buf: memoryview, start: int) -> None:
         fd, done = self._fd(ref.file), 0
         while done < len(buf):
             got = os.preadv(fd, [buf[done:]], ref.offset + start + done)
