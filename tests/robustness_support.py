@@ -155,7 +155,7 @@ def run_main(*args: str | Path) -> Run:
     traceback on stderr with exit code None, exactly what a user would see."""
     from w4a8conv import cli
 
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    saved = {s: signal.getsignal(s) for s in cli.STOP_SIGNALS}
     argv, out, err = sys.argv, io.StringIO(), io.StringIO()
     code: int | None
     try:

@@ -164,6 +164,7 @@ FAULTS = {
     "sigterm-parent": ("slow", "0.05", ("--workers", "2"), (signal.SIGTERM, False), (3.0,)),
     "sigterm-group": ("slow", "0.05", ("--workers", "2"), (signal.SIGTERM, True), (3.0,)),
     "sigkill-parent": ("slow", "0.4", ("--workers", "2"), (signal.SIGKILL, False), (1.5,)),
+    "sighup-group": ("slow", "0.05", ("--workers", "2"), (signal.SIGHUP, True), (3.0,)),  # the terminal closed
 }
 
 
@@ -260,12 +261,14 @@ def test_sigkill_after_the_description_leaves_a_complete_output(faulted, source,
     assert not (o.out / JOURNAL_NAME).exists()
 
 
-@pytest.mark.parametrize("name", ["sigterm-mid-shard", "sigterm-parent", "sigterm-group"])
+@pytest.mark.parametrize("name", ["sigterm-mid-shard", "sigterm-parent", "sigterm-group", "sighup-group"])
 def test_sigterm_stops_cleanly_then_resume_is_byte_identical(faulted, source, reference, name):
-    """SIGTERM (`kill`, systemd, Kubernetes) ends the run at once: exit 143 with one error line, the
-    unfinished shard removed, the journal kept, no worker left running; `--resume` finishes the job."""
+    """SIGTERM (`kill`, systemd, Kubernetes) and SIGHUP (a closed terminal or ssh session, sent to the
+    whole process group) end the run at once: exit 128+N with one error line, the unfinished shard
+    removed, the journal kept, no worker left running; `--resume` finishes the job."""
     o = faulted[name]
-    assert_clean_failure(o.run, 128 + signal.SIGTERM, ["interrupted by SIGTERM", "--resume"])
+    signum = signal.SIGHUP if name.startswith("sighup") else signal.SIGTERM
+    assert_clean_failure(o.run, 128 + signum, [f"interrupted by {signum.name}", "--resume"])
     assert not o.partials, o.files
     assert JOURNAL_NAME in o.files
     for seconds, pids in o.survivors_after.items():
@@ -274,7 +277,7 @@ def test_sigterm_stops_cleanly_then_resume_is_byte_identical(faulted, source, re
     resume_and_compare(source, o.out, reference)
 
 
-@pytest.mark.parametrize("name", ["sigterm-parent", "sigterm-group"])
+@pytest.mark.parametrize("name", ["sigterm-parent", "sigterm-group", "sighup-group"])
 def test_shards_finished_by_workers_are_journaled_before_the_run_ends(faulted, name):
     """With --workers N, each shard must be journaled as soon as it is renamed into place, or an
     interrupted run's finished shards are not kept by --resume (they are converted again)."""
@@ -369,6 +372,26 @@ def test_resume_refuses_an_unreadable_journal(interrupted, source):
 def test_resume_refuses_other_options(interrupted, source):
     run = run_main("convert", source, interrupted, "--max-shard-size", "80000", "--resume", "--workers", "1")
     assert_clean_failure(run, ExitCode.USAGE, ["the interrupted run used other options"])
+
+
+def test_a_second_run_into_the_same_directory_is_refused_while_the_first_holds_its_lock(source, reference,
+                                                                                        tmp_path):
+    """Two converts into one directory used to race (one failing with a confusing ENOENT): the run holds
+    an exclusive lock on the output directory, and a second one, plain, --resume or --force, is refused."""
+    second: dict[str, Run] = {}
+
+    def then_start_others(out: Path) -> bool:
+        if not _shard_done_and_partial(out):
+            return False
+        for flag in ("--resume", "--force"):
+            second[flag] = run_main("convert", source, out, *OPTIONS, flag, "--workers", "1")
+        return True
+    o = run_fault("slow", "0.05", source, tmp_path / "out", "--workers", "1", signal_when=then_start_others,
+                  signum=signal.SIGTERM)
+    for run in second.values():
+        assert_clean_failure(run, ExitCode.USAGE, [f"{o.out}: another w4a8conv run is writing into this directory"])
+    assert o.run.returncode == 128 + signal.SIGTERM, o.run.describe()  # the first run was not disturbed
+    resume_and_compare(source, o.out, reference)
 
 
 # -- operating-system errors in the output: exit 2 or 4 naming the path, never a traceback ---------------
@@ -717,5 +740,5 @@ def test_reliability_doc_lists_every_fault():
               "rt-stamp-disagrees", "rt-malformed-records", "rt-swapped-shards", "rt-truncated-after-open",
               "plugin-changed-shard", "edited-after-validation", "verify-source-rules", "verify-weight-bytes",
               "verify-no-module", "verify-invalid-source", "output-not-utf8", "ro-force-resume",
-              "resume-entry-is-a-directory"]
+              "resume-entry-is-a-directory", "second-run-locked"]
     assert not [name for name in [*FAULTS, *others] if f"`{name}`" not in doc]

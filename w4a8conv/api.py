@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import resource
 import stat
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,6 +139,31 @@ def _existing_entries(output: Path) -> list[Path] | None:
         raise OutputLocationError(f"{output}: cannot list: {exc.strerror or exc}") from None
 
 
+@contextlib.contextmanager
+def _exclusive_lock(output: Path, warnings: list[str]) -> Iterator[None]:
+    """flock(2) on the output directory for the whole run: a second run into it is refused at once.
+
+    The kernel drops the lock when the process dies (SIGKILL included). On a file system without
+    flock support the run goes on unlocked and says so (docs/reliability.md, "Concurrent runs")."""
+    try:
+        fd = os.open(output, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise OutputLocationError(f"{output}: cannot open: {exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputLocationError(f"{output}: another w4a8conv run is writing into this directory (it holds "
+                                      "the directory's lock); wait for it to end, or stop it and use "
+                                      "--resume") from None
+        except OSError as exc:
+            warnings.append(f"{output}: the file system does not support locks ({exc.strerror or exc}); a second "
+                            "run into this directory is not excluded")
+        yield
+    finally:
+        os.close(fd)
+
+
 def _remove(path: Path, what: str, error: type[OutputLocationError] | type[WriteError]) -> None:
     """Remove one file of ours; an OS error (read-only file system, a directory in its place) names the path."""
     try:
@@ -146,8 +172,9 @@ def _remove(path: Path, what: str, error: type[OutputLocationError] | type[Write
         raise error(f"{path}: cannot remove {what}: {exc.strerror or exc}") from None
 
 
-def _prepare_output(source_root: Path, output: Path, copied: set[str], options: ConvertOptions) -> None:
-    """Refuse unsafe locations; with --force, clear a previous output's files (and nothing else)."""
+def _prepare_output(source_root: Path, output: Path, copied: set[str], options: ConvertOptions, *,
+                    remove: bool) -> None:
+    """Refuse unsafe locations; with --force and `remove`, clear a previous output's files (and nothing else)."""
     src, dst = os.path.realpath(source_root), os.path.realpath(output)
     if dst == src or os.path.commonpath([src, dst]) == src:
         raise OutputLocationError(f"{output}: the output directory must not be the source directory or inside it")
@@ -165,7 +192,7 @@ def _prepare_output(source_root: Path, output: Path, copied: set[str], options: 
     if foreign:
         raise OutputLocationError(f"{output}: --force replaces only a previous w4a8conv output, and "
                                   f"{', '.join(foreign[:5])} is not part of one")
-    if not options.dry_run:
+    if remove:
         for entry in entries:
             _remove(entry, "the previous output's file (--force)", OutputLocationError)
 
@@ -209,10 +236,11 @@ def convert(source: Path | str, output: Path | str, *, options: ConvertOptions |
     phase(f"validating {len(src.tensors):,} tensors in {len(src.headers):,} file(s)")
     plan = make_plan(src)
     copied = src.non_weight_files()
-    _prepare_output(source_root, output, {p.name for p in copied} | set(src.rewritten_json), options)
+    _prepare_output(source_root, output, {p.name for p in copied} | set(src.rewritten_json), options, remove=False)
     shards = assign_shards(plan.tensors, options.max_shard_bytes)
     resources = estimate_resources(plan, shards, output, options.workers)
     variants = Counter(m.variant for m in (*plan.moe_layers, *plan.linears))
+    warnings = _source_warnings(src) + [_WARNINGS[v] for v in variants if v in _WARNINGS]
 
     def report(written: list[WrittenShard]) -> ConvertReport:
         return ConvertReport(
@@ -221,7 +249,7 @@ def convert(source: Path | str, output: Path | str, *, options: ConvertOptions |
             tensors_passed_through=len(plan.passthrough), source_bytes=resources.read_bytes,
             output_bytes=sum(s.nbytes for s in written) if written else resources.write_bytes,
             seconds=time.monotonic() - started, peak_rss_bytes=_peak_rss_bytes(), dry_run=options.dry_run,
-            warnings=_source_warnings(src) + [_WARNINGS[v] for v in variants if v in _WARNINGS])
+            warnings=warnings)
 
     with TensorReader() as reader:
         check_small_tensors(plan, reader)
@@ -232,49 +260,53 @@ def convert(source: Path | str, output: Path | str, *, options: ConvertOptions |
         output.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputLocationError(f"{output}: cannot create: {exc.strerror or exc}") from None
-    free = free_disk_bytes(output)
-    present = sum((output / s.file_name).stat().st_size for s in shards if (output / s.file_name).is_file())
-    if free is not None and free < resources.write_bytes - present:
-        if created:
-            output.rmdir()
-        raise WriteError(f"{output}: needs {resources.write_bytes - present} more bytes, the file system has "
-                         f"{free} free")
-    metadata = {"format": "pt", STAMP_KEY: f"{LAYOUT_NAME}/{LAYOUT_VERSION}"}
-    fingerprint = src.fingerprint()
-    plan_fp = plan_fingerprint(shards, metadata)
-    files = source_files_identity(list(src.weight_files))
-    if options.resume:
-        journal = Journal.resume(output, fingerprint, files, plan_fp)
-        for stale in output.glob(".*.partial"):
-            _remove(stale, "a partial file of the interrupted run", WriteError)
-    else:
-        journal = Journal.start(output, fingerprint, files, plan_fp)
-    total = resources.write_bytes
-    phase(f"writing {len(shards):,} shard(s), {human_bytes(total)}, with {resources.workers} worker(s)"
-          + (f" ({len(journal.done):,} finished before: re-hashed and kept)" if journal.done else ""))
-    try:
-        written = run_shards(output, shards, metadata, src.tensors, journal, resources.workers,
-                             (lambda n: on_progress(n, total)) if on_progress else (lambda _n: None))
-    except InvalidCheckpointError:
-        # The source itself is bad (a weight found out of range): nothing here is worth resuming.
-        with contextlib.suppress(OSError):  # best effort: the error to report is the source's
-            for name in [s.file_name for s in shards] + [JOURNAL_NAME]:
-                (output / name).unlink(missing_ok=True)
+    with _exclusive_lock(output, warnings):
+        # Under the lock, look again: another run may have filled the directory since the first look.
+        _prepare_output(source_root, output, {p.name for p in copied} | set(src.rewritten_json), options,
+                        remove=True)
+        free = free_disk_bytes(output)
+        present = sum((output / s.file_name).stat().st_size for s in shards if (output / s.file_name).is_file())
+        if free is not None and free < resources.write_bytes - present:
             if created:
                 output.rmdir()
-        raise
-    for extra in copied:
-        copy_file_atomic(extra, output / extra.name)
-    for name, content in src.rewritten_json.items():
-        write_json_atomic(output / name, content)
-    weight_map = {t.name: shard.file_name for shard in shards for t in shard.tensors}
-    write_json_atomic(output / INDEX_NAME, {"metadata": {"total_size": resources.write_bytes},
-                                            "weight_map": weight_map})
-    description = plan.output_description()
-    description[STAMP_KEY] = build_stamp(plan, written, fingerprint)
-    write_json_atomic(output / DESCRIPTION_NAME, description)
-    _remove(journal.path, "the journal of the finished run", WriteError)
-    return report(written)
+            raise WriteError(f"{output}: needs {resources.write_bytes - present} more bytes, the file system has "
+                             f"{free} free")
+        metadata = {"format": "pt", STAMP_KEY: f"{LAYOUT_NAME}/{LAYOUT_VERSION}"}
+        fingerprint = src.fingerprint()
+        plan_fp = plan_fingerprint(shards, metadata)
+        files = source_files_identity(list(src.weight_files))
+        if options.resume:
+            journal = Journal.resume(output, fingerprint, files, plan_fp)
+            for stale in output.glob(".*.partial"):
+                _remove(stale, "a partial file of the interrupted run", WriteError)
+        else:
+            journal = Journal.start(output, fingerprint, files, plan_fp)
+        total = resources.write_bytes
+        phase(f"writing {len(shards):,} shard(s), {human_bytes(total)}, with {resources.workers} worker(s)"
+              + (f" ({len(journal.done):,} finished before: re-hashed and kept)" if journal.done else ""))
+        try:
+            written = run_shards(output, shards, metadata, src.tensors, journal, resources.workers,
+                                 (lambda n: on_progress(n, total)) if on_progress else (lambda _n: None))
+        except InvalidCheckpointError:
+            # The source itself is bad (a weight found out of range): nothing here is worth resuming.
+            with contextlib.suppress(OSError):  # best effort: the error to report is the source's
+                for name in [s.file_name for s in shards] + [JOURNAL_NAME]:
+                    (output / name).unlink(missing_ok=True)
+                if created:
+                    output.rmdir()
+            raise
+        for extra in copied:
+            copy_file_atomic(extra, output / extra.name)
+        for name, content in src.rewritten_json.items():
+            write_json_atomic(output / name, content)
+        weight_map = {t.name: shard.file_name for shard in shards for t in shard.tensors}
+        write_json_atomic(output / INDEX_NAME, {"metadata": {"total_size": resources.write_bytes},
+                                                "weight_map": weight_map})
+        description = plan.output_description()
+        description[STAMP_KEY] = build_stamp(plan, written, fingerprint)
+        write_json_atomic(output / DESCRIPTION_NAME, description)
+        _remove(journal.path, "the journal of the finished run", WriteError)
+        return report(written)
 
 
 def _is_converted(path: Path) -> bool:

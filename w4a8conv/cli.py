@@ -354,12 +354,15 @@ def version() -> None:
 
 
 class Interrupted(Exception):
-    """SIGINT or SIGTERM as an exception, so partial files are removed on the way out (click would
-    turn a KeyboardInterrupt into its own abort)."""
+    """SIGINT, SIGTERM or SIGHUP as an exception, so partial files are removed on the way out (click
+    would turn a KeyboardInterrupt into its own abort)."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the terminal or ssh session closed
 
 
 def _raise_interrupted(signum: int, _frame: object) -> None:
@@ -386,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: usage errors exit 2 and w4a8conv errors their own code, each as one
     `error:` line on stderr (and one JSON object on stdout under --json); an unexpected exception
     exits 1 (its traceback with --verbose)."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, _raise_interrupted)
     args = sys.argv[1:] if argv is None else list(argv)
     sink.configure()

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import resource_tracker
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,7 +159,8 @@ def _die_with_parent(parent: int) -> None:
 
 def _init_worker(progress, parent: int) -> None:
     _die_with_parent(parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops the workers
+    for signum in (signal.SIGINT, signal.SIGHUP):  # Ctrl-C and a hangup reach the parent, which stops the workers
+        signal.signal(signum, signal.SIG_IGN)
     torch.set_num_threads(1)  # one shard per core; intra-op threads would oversubscribe
     _WORKER.update(progress=progress, reader=TensorReader())
 
@@ -195,12 +197,27 @@ def run_shards(output: Path, shards: list[ShardPlan], metadata: dict[str, str], 
     return [done[s.file_name] for s in shards]
 
 
+def _start_resource_tracker() -> None:
+    """multiprocessing's helper process ignores SIGINT and SIGTERM, not SIGHUP: started with SIGHUP
+    ignored (kept across its exec), it survives a hangup sent to the whole process group, and the run
+    stops in order instead of printing the helper's tracebacks."""
+    if threading.current_thread() is not threading.main_thread():
+        resource_tracker.ensure_running()
+        return
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
 def _run_in_workers(output: Path, todo: list[ShardPlan], metadata: dict[str, str], tensors: Mapping[str, TensorRef],
                     journal: Journal, workers: int, on_bytes: Callable[[int], None],
                     done: dict[str, WrittenShard]) -> None:
     """One shard per task in `spawn` processes; on any error or signal the other workers are stopped at
     once and their unfinished `.partial` files removed, while finished shards stay journaled."""
     context = multiprocessing.get_context("spawn")
+    _start_resource_tracker()
     progress = context.Queue()
     stop_draining = threading.Event()
     drain = threading.Thread(target=_drain, args=(progress, on_bytes, stop_draining), daemon=True)
