@@ -119,6 +119,8 @@ def check_shards(root: Path | str, stamp: dict, weight_map: dict[str, str]) -> N
     root = Path(root)
     for file_name, names in _names_by_shard(stamp, weight_map).items():
         path = root / file_name
+        if file_name not in stamp["shards"]:
+            raise NotConvertedError("the index maps tensors to this file, which the stamp does not record", file=path)
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
