@@ -7,6 +7,7 @@ still match.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -248,12 +249,15 @@ def _run_in_workers(output: Path, todo: list[ShardPlan], metadata: dict[str, str
             process.join()
         pool.shutdown(wait=True)  # joins the executor's own thread before the interpreter exits
         for shard in todo:
-            (output / partial_name(shard.file_name)).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # reported below: the error that stopped the run
+                (output / partial_name(shard.file_name)).unlink(missing_ok=True)
             final = output / shard.file_name
             if shard.file_name not in done and final.is_file():
                 # Renamed by a worker whose result never arrived: a shard only gets its final name
                 # after it was fully written and fsynced, so journal it for --resume.
-                journal.record(WrittenShard(shard.file_name, final.stat().st_size, sha256_file(final)))
+                with contextlib.suppress(OSError):  # unreadable: --resume writes it again
+                    written = WrittenShard(shard.file_name, final.stat().st_size, sha256_file(final))
+                    journal.record(written)
         if isinstance(exc, BrokenProcessPool):
             unfinished = sorted(s.file_name for s in todo if s.file_name not in done)
             raise WriteError(f"{output}: a worker process died (killed by a signal or out of memory) while "

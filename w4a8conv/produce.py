@@ -7,7 +7,7 @@ it (the int4 range of version "0" weights, and the small tensors again).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 

@@ -4,6 +4,7 @@ fsynced and renamed; the index and the stamped description are written after eve
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -75,6 +76,13 @@ def shard_header(tensors: Iterable[OutputTensor], metadata: dict[str, str]) -> b
 
 def partial_name(file_name: str) -> str:
     return f".{file_name}.partial"
+
+
+def _discard(temp: Path) -> None:
+    """Remove a temporary file after a failure; if even that fails (a file system remounted read-only
+    on errors), the error to report is the first one, and `--resume` removes stale partial files."""
+    with contextlib.suppress(OSError):
+        temp.unlink(missing_ok=True)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -188,10 +196,10 @@ def write_shard(directory: Path, shard: ShardPlan, metadata: dict[str, str],
         os.replace(temp, final)
         _fsync_dir(directory)
     except OSError as exc:
-        temp.unlink(missing_ok=True)
+        _discard(temp)
         raise WriteError(f"{final}: cannot write: {exc.strerror or exc}") from None
     except BaseException:
-        temp.unlink(missing_ok=True)
+        _discard(temp)
         raise
     return WrittenShard(shard.file_name, total, "sha256:" + sha256)
 
@@ -207,7 +215,7 @@ def write_json_atomic(path: Path, obj: object) -> None:
         os.replace(temp, path)
         _fsync_dir(path.parent)
     except OSError as exc:
-        temp.unlink(missing_ok=True)
+        _discard(temp)
         raise WriteError(f"{path}: cannot write: {exc.strerror or exc}") from None
 
 
@@ -219,5 +227,5 @@ def copy_file_atomic(source: Path, target: Path) -> None:
             os.fsync(f.fileno())
         os.replace(temp, target)
     except OSError as exc:
-        temp.unlink(missing_ok=True)
+        _discard(temp)
         raise WriteError(f"{target}: cannot copy from {source}: {exc.strerror or exc}") from None
