@@ -90,25 +90,30 @@ def _shard_header(fd: int, size: int, path: Path) -> dict[str, StoredTensor]:
     return tensors
 
 
-def _checked_shard(fd: int, path: Path, record: dict, names: set[str]) -> dict[str, StoredTensor]:
+def _by_file(weight_map: dict[str, str]) -> dict[str, set[str]]:
+    held: dict[str, set[str]] = {}
+    for name, file_name in weight_map.items():
+        held.setdefault(file_name, set()).add(name)
+    return held
+
+
+def _checked_shard(fd: int, path: Path, record: dict, weight_map: dict[str, str],
+                   held: set[str]) -> dict[str, StoredTensor]:
     """A shard's tensors, after its size and header were checked against its stamp record and the index."""
     size = os.fstat(fd).st_size
     if size != record["bytes"]:
         raise NotConvertedError(f"{size} bytes, the stamp records {record['bytes']}: the file changed since it "
                                 "was converted", file=path)
     tensors = _shard_header(fd, size, path)
-    if set(tensors) != names:
-        stray = sorted(set(tensors) ^ names)[:3]
-        raise NotConvertedError(f"holds other tensors than the index maps to it ({', '.join(stray)} ...): the "
-                                "file was replaced or renamed since it was converted", file=path)
+    for name in tensors:
+        if weight_map.get(name) != path.name:
+            where = f"indexed in {weight_map[name]}" if name in weight_map else "not indexed"
+            raise NotConvertedError(f"stored here but {where}: the file was replaced or renamed, or the index "
+                                    "edited, since it was converted", file=path, tensor=name)
+    for name in sorted(held - set(tensors))[:1]:
+        raise NotConvertedError("indexed in this file, which does not hold it: the file was replaced or renamed, or "
+                                "the index edited, since it was converted", file=path, tensor=name)
     return tensors
-
-
-def _names_by_shard(stamp: dict, weight_map: dict[str, str]) -> dict[str, set[str]]:
-    names: dict[str, set[str]] = {name: set() for name in stamp["shards"]}
-    for tensor, file_name in weight_map.items():
-        names.setdefault(file_name, set()).add(tensor)
-    return names
 
 
 def check_shards(root: Path | str, stamp: dict, weight_map: dict[str, str]) -> None:
@@ -117,16 +122,18 @@ def check_shards(root: Path | str, stamp: dict, weight_map: dict[str, str]) -> N
 
     The runtime runs this on open, the vLLM plugin before vLLM maps the shards."""
     root = Path(root)
-    for file_name, names in _names_by_shard(stamp, weight_map).items():
+    for file_name in sorted(set(weight_map.values()) - set(stamp["shards"]))[:1]:
+        raise NotConvertedError("the index maps tensors to this file, which the stamp does not record",
+                                file=root / file_name)
+    held = _by_file(weight_map)
+    for file_name in stamp["shards"]:
         path = root / file_name
-        if file_name not in stamp["shards"]:
-            raise NotConvertedError("the index maps tensors to this file, which the stamp does not record", file=path)
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
             raise NotConvertedError(f"cannot open shard ({exc.strerror or exc})", file=path) from None
         try:
-            _checked_shard(fd, path, stamp["shards"][file_name], names)
+            _checked_shard(fd, path, stamp["shards"][file_name], weight_map, held.get(file_name, set()))
         finally:
             os.close(fd)
 
@@ -199,7 +206,7 @@ class NpuReadyCheckpoint:
         self.description = description
         self.stamp: dict = description[STAMP_KEY]
         self._weight_map = weight_map
-        self._names = _names_by_shard(self.stamp, weight_map)
+        self._held = _by_file(weight_map)
         self._shards: dict[str, tuple[int, dict[str, StoredTensor]]] = {}  # file name -> (fd, tensors)
 
     def __del__(self) -> None:
@@ -265,7 +272,7 @@ class NpuReadyCheckpoint:
                 raise NotConvertedError(f"cannot open shard ({exc.strerror or exc})", file=path) from None
             try:
                 self._shards[file_name] = fd, _checked_shard(fd, path, self.stamp["shards"][file_name],
-                                                             self._names[file_name])
+                                                             self._weight_map, self._held[file_name])
             except BaseException:
                 os.close(fd)
                 raise
