@@ -157,9 +157,6 @@ def stamp_problem(stamp: dict) -> str | None:
     lines = stamp.get("serving_releases", [])
     if not (isinstance(lines, list) and all(isinstance(line, str) for line in lines)):
         return "stamp's serving_releases is not a list of vllm-ascend release lines"
-    if not stamp["modules"]:
-        return ("stamp records no converted module: there is nothing for the A8W4 kernels to serve (was the "
-                "source an already converted directory, or one without W4A8_DYNAMIC modules?)")
     for name, entry in stamp["shards"].items():
         if not _plain_name(name):
             return f"stamp names shard {name!r}, which is not a file name in this directory"
@@ -232,6 +229,10 @@ class NpuReadyCheckpoint:
         except (OSError, ValueError, RecursionError) as exc:
             raise NotConvertedError(f"unreadable ({type(exc).__name__}: {exc})"[:300], file=description_file) from None
         stamp = checked_stamp(description, description_file)
+        if not stamp["modules"]:  # the plugin refuses it layer by layer: no layer is recorded
+            raise NotConvertedError("stamp records no converted module: there is nothing for the A8W4 kernels to "
+                                    "serve (was the source an already converted directory, or one without "
+                                    "W4A8_DYNAMIC modules?)", file=description_file)
         try:
             weight_map = json.loads((root / INDEX_NAME).read_text())["weight_map"]
         except (OSError, ValueError, RecursionError, KeyError, TypeError) as exc:
