@@ -247,7 +247,8 @@ def _check_fidelity(ckpt: NpuReadyCheckpoint, src: SourceCheckpoint, stored: dic
             report.tensors_compared += 1
             ref = stored.get(tensor.name)
             translation = TRANSLATIONS[tensor.recipe.translation][tensor.recipe.output]
-            source_value = check.source_parts({translation.needs: tensor.recipe.source_name()}, True)[translation.needs]
+            source_value = check.source_parts({translation.needs: tensor.recipe.source_name()},
+                                              packed_pairs=True)[translation.needs]
             if ref is None or ref.dtype != tensor.dtype or ref.shape != tensor.shape:
                 report.problems.append(f"{tensor.name}: translated tensor missing or reshaped")
             elif not torch.equal(reader.load(ref), translation.make({translation.needs: source_value})):
@@ -304,7 +305,7 @@ def verify(path: Path | str, *, source: Path | str | None = None, sample: int | 
     if source is None or not report.ok:
         return report
     model_dtype = ckpt.stamp["source"].get("model_dtype")
-    if model_dtype is not None and model_dtype not in MODEL_DTYPES:
+    if model_dtype is not None and (not isinstance(model_dtype, str) or model_dtype not in MODEL_DTYPES):
         report.problems.append(f"{path / DESCRIPTION_NAME}: the stamp's source model_dtype {model_dtype!r} is not "
                                f"one of {', '.join(MODEL_DTYPES)}")
         return report

@@ -18,6 +18,7 @@ the plan reads is built here: W4A8_DYNAMIC / W8A8_DYNAMIC for those modules' ten
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,8 @@ class Scheme:
 def is_compressed_tensors(root: Path | str) -> bool:
     """A directory without an msModelSlim description whose config.json names compressed-tensors."""
     root = Path(root)
-    if not root.is_dir() or any(root.glob("quant_model_description*.json")):
+    # os.path.isdir: a path the OS refuses (a name over the limit) is left to the fallback reader's error
+    if not os.path.isdir(root) or any(root.glob("quant_model_description*.json")):
         return False
     try:
         parsed = json.loads((root / "config.json").read_bytes())
