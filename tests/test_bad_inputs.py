@@ -909,13 +909,14 @@ def test_zero_scales_are_allowed(tmp_path):
     assert verify(tmp_path / "out", source=src, sample=None).ok
 
 
-@pytest.mark.parametrize("value", ["inf", "nan", "1e999", "-inf", "1e30", "0.5"])
-def test_non_finite_or_absurd_shard_size_is_a_usage_error(value, tmp_path):
+@pytest.mark.parametrize("value, message", [
+    ("inf", "'inf' is not a size"), ("nan", "'nan' is not a size"), ("1e999", "'1e999' is not a size"),
+    ("0.5", "the shard size must be at least 1 byte"), ("9" * 400, "is not a finite size"),
+    ("99999999999999999999TB", "the shard size must be at most 9223372036854775807 bytes")])
+def test_non_finite_or_absurd_shard_size_is_a_usage_error(value, message, tmp_path):
     src = build("v1", tmp_path / "src")
     run = run_main("convert", src, tmp_path / "out", "--max-shard-size", value)
-    assert run.returncode == USAGE and "Traceback" not in run.stderr + run.stdout, run.describe()
-    assert ("is not a finite size" if value in ("inf", "nan", "1e999", "-inf") else "the shard size must be from 1 "
-            "byte") in " ".join(run.stderr.split()), run.describe()
+    assert_clean_failure(run, USAGE, [message])
     assert not (tmp_path / "out").exists()
 
 
