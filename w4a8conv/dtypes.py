@@ -1,9 +1,11 @@
 """safetensors dtype strings: their sizes and torch dtypes (shared by the source readers and the runtime)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["DTYPE_SIZES", "TORCH_DTYPES", "MAX_DIM"]
+__all__ = ["DTYPE_SIZES", "TORCH_DTYPES", "MAX_DIM", "torch_can_hold"]
 
 DTYPE_SIZES: dict[str, int] = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
@@ -16,3 +18,10 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "U64": torch.uint64, "F64": torch.float64,
 }
 MAX_DIM = 2**63 - 1  # torch sizes are int64: a larger dimension (even next to a zero) cannot be loaded
+
+
+def torch_can_hold(shape: object) -> bool:
+    """A list of sizes a torch tensor can have: each in [0, 2^63 - 1], and the contiguous strides too
+    (torch counts a zero size as 1 there, so [0, 2, 2^63 - 1] is zero bytes but no tensor)."""
+    return (isinstance(shape, list) and all(type(d) is int and 0 <= d <= MAX_DIM for d in shape)
+            and math.prod(max(d, 1) for d in shape[1:]) <= MAX_DIM)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..constants import DESCRIPTION_NAME, INDEX_NAME, LAYOUT_NAME, LAYOUT_VERSION, STAMP_KEY
-from ..dtypes import DTYPE_SIZES, MAX_DIM, TORCH_DTYPES
+from ..dtypes import DTYPE_SIZES, TORCH_DTYPES, torch_can_hold
 from ..errors import NotConvertedError, UsageError
 from ..layout import TensorSpec, expert_tensor_specs, linear_tensor_specs, moe_tensor_specs
 from .split import RankSplit, expert_rank_part
@@ -72,11 +72,11 @@ def _shard_header(fd: int, size: int, path: Path) -> dict[str, StoredTensor]:
     entries = []
     for name, entry in header.items():
         ok = (isinstance(entry, dict) and entry.get("dtype") in DTYPE_SIZES and isinstance(entry.get("shape"), list)
-              and all(type(d) is int and 0 <= d <= MAX_DIM for d in entry["shape"])
+              and torch_can_hold(entry["shape"])
               and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
               and all(type(o) is int for o in entry["data_offsets"]))
         if not ok:
-            raise refuse(f"{name}: entry is not a dtype, a shape of int64 sizes and two data offsets")
+            raise refuse(f"{name}: entry is not a dtype, a shape torch can hold and two data offsets")
         entries.append((entry["data_offsets"], name, entry))
     for (begin, end), name, entry in sorted(entries, key=lambda e: (e[0][0], e[0][1])):
         nbytes = math.prod(entry["shape"]) * DTYPE_SIZES[entry["dtype"]]
