@@ -693,6 +693,14 @@ def _(c):
     edit_header(W(c), lambda h: h.update({"empty": {"dtype": "F32", "shape": [0, 2**63], "data_offsets": [0, 0]}}))
 
 
+@case("lim-strides-past-int64", "v1", INVALID, "{src}/" + WEIGHTS, "empty",
+      f"shape [0, 2, {2**63 - 1}] is not a list of non-negative integers below 2^63")
+def _(c):
+    """Every size fits int64 and the tensor is zero bytes, but its first stride, 2 x (2^63 - 1), does not."""
+    edit_header(W(c), lambda h: h.update({"empty": {"dtype": "F32", "shape": [0, 2, 2**63 - 1],
+                                                   "data_offsets": [0, 0]}}))
+
+
 @case("lim-intermediate-zero", "v1", INVALID, "{src}/" + WEIGHTS, expert(0, "gate_proj", "weight_scale"),
       "intermediate size 0 (from [0, 1]): a W4A8 module needs non-zero dimensions")
 def _(c):
