@@ -40,9 +40,10 @@ def test_moe_outputs_are_the_documented_names(variant):
     assert set(MOE_OUTPUTS) == MOE_NAMES
     for output in spec.outputs.values():
         assert output.needs and set(output.needs) <= SOURCE_SUFFIXES
-    v1 = variant.value.endswith("-v1")
+    v1 = "-v1" in variant.value  # msModelSlim version "1.0.0": packed pairs and a stored bias
     assert spec.packed_pairs is v1
     assert spec.bias_in_checkpoint is v1
+    assert spec.down_bias_total is variant.value.endswith("-bias-total")
     assert spec.per_group is ("-group-" in variant.value)
     assert spec.outputs["weight"].needs == ("weight",)
 
