@@ -119,7 +119,8 @@ def test_narrow_columns_do_not_wrap_output_off_a_terminal(runs, command):
         assert re.fullmatch(r"numerics \S+: relative error .*, bound .* \(ok; experts .*, top-2\)", numerics), numerics
     if command == "convert":
         (summary,) = narrow.stdout.splitlines()
-        assert re.fullmatch(r"converted \d+ W4A8 modules, .* s since start\) with \d+ worker\(s\), peak RSS .* -> "
+        assert re.fullmatch(r"converted \d+ W4A8 modules, .* s since start\) with \d+ worker\(s\)"
+                            r"( \(of \d+ requested: \d+ shard\(s\), \d+ usable CPU\(s\)\))?, peak RSS .* -> "
                             r"\S+/40/out", summary), summary
         (warning,) = [line for line in narrow.stderr.splitlines() if line.startswith("warning:")]
         assert warning.endswith("w4a8conv computes it (8·Σ W·s)"), warning
