@@ -11,7 +11,6 @@ index these tests skip, or fail when $CI is set.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 from cases import TP_SIZES, EP_SIZES, split_allowed
+from conftest import running_in_ci
 from msmodelslim_producer import ProducerUnavailable, exports
 from robustness_support import assert_clean_failure, run_main
 from test_vllm_ascend_equivalence import (MoeWhere, assert_bias_close, assert_floats_identical, assert_ints_equal,
@@ -52,17 +52,12 @@ CONVERTING = [name for name, (outcome, _) in EXPECTED.items() if outcome == "con
 MOE_EXPORTS = [name for name in CONVERTING if not name.startswith("qwen2")]  # Qwen2 is dense
 
 
-def _ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
 @pytest.fixture(scope="session")
-def produced() -> dict[str, Path]:
+def produced(vllm_ascend_wheel) -> dict[str, Path]:
     try:
-        harness.find_wheel()
         made, _seconds = exports(sorted(EXPECTED))
-    except (ProducerUnavailable, harness.HarnessUnavailable) as exc:
-        if _ci():
+    except ProducerUnavailable as exc:
+        if running_in_ci():
             pytest.fail(f"msModelSlim tier unavailable with $CI set: {exc}")
         pytest.skip(f"msModelSlim tier unavailable: {exc}")
     return made

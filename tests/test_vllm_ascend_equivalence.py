@@ -6,7 +6,6 @@ repository). Without the wheel these tests skip, or fail when $CI is set.
 """
 from __future__ import annotations
 
-import os
 import re
 import struct
 from pathlib import Path
@@ -30,17 +29,6 @@ SHOWN = 6         # differing elements listed in a failure message
 
 # --------------------------------------------------------------------------------------------
 # Fixtures and cases
-
-
-@pytest.fixture(scope="session")
-def vllm_ascend_wheel() -> Path:
-    try:
-        return harness.find_wheel()
-    except harness.HarnessUnavailable as exc:
-        reason = f"vllm-ascend {harness.VLLM_ASCEND_VERSION} wheel unavailable: {exc}"
-        if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
-            pytest.fail(reason + " ($CI is set: the equivalence tests must run)")
-        pytest.skip(reason)
 
 
 def _expected_modules(source: harness.SourceCheckpoint) -> tuple[set[str], set[str]]:
