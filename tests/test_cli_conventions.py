@@ -81,8 +81,12 @@ def test_shell_completion_completes_commands(runs):
 
 def test_switches_are_shown_without_a_value_type(runs):
     help_text = runs["convert-help"].stdout
-    for switch in ("--resume", "--force", "--dry-run", "--json", "--quiet", "--verbose"):
+    for switch in ("--resume", "--force", "--dry-run", "--json", "--quiet", "--verbose", "--help"):
         (line,) = [text for text in help_text.splitlines() if f"{switch} " in text]
+        assert "<" not in line, line
+    top_help = runs["help-long"].stdout  # typer's own switches: help and shell completion
+    for switch in ("--help", "--install-completion", "--show-completion", "--version"):
+        (line,) = [text for text in top_help.splitlines() if text.lstrip("│ ").startswith(f"{switch} ")]
         assert "<" not in line, line
     (line,) = [text for text in help_text.splitlines() if "--max-shard-size " in text]
     assert "SIZE" in line, line  # an option that takes a value still says so
@@ -281,6 +285,18 @@ def test_convert_shows_each_phase_before_progress_and_wall_time(preset_source, t
     summary = json.loads(as_json.stdout)
     assert summary["wall_seconds"] >= summary["seconds"] > 0
     assert as_json.stderr == ""  # --json: no phases, no progress
+
+
+def test_verify_shows_each_phase_before_its_result(converted):
+    source, output = converted("moe-group-v1")
+    done = run_main("verify", output, "--source", source, "--numerics")
+    assert done.returncode == 0, done.describe()
+    assert done.stderr.splitlines() == [
+        f"opening {output}", "hashing 1 shard(s)", f"reading the source {source}",
+        "comparing 2 sampled expert(s) per layer with the source",
+        "running the numerics check against an fp32 forward of the source"], done.stderr
+    quiet = run_main("verify", output, "--source", source, "--all", "-q")
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.describe()
 
 
 def test_selfcheck_require_npu_fails_when_device_checks_are_skipped():

@@ -36,7 +36,8 @@ def _flag(*names: str, help: str) -> typer.models.OptionInfo:
     return typer.Option(*names, help=help, metavar="")
 
 
-SrcArg = Annotated[Path, typer.Argument(help="msModelSlim checkpoint directory (read only).", show_default=False)]
+SrcArg = Annotated[Path, typer.Argument(help="Source checkpoint directory, msModelSlim or llm-compressor (read only).",
+                                                 show_default=False)]
 JsonOpt = Annotated[bool, _flag("--json", help="Print one machine-readable JSON object on stdout "
                                                "(on failure too: exit code, error class, message, file, tensor).")]
 QuietOpt = Annotated[bool, _flag("-q", "--quiet", help="Print only results, warnings and errors (no phases, "
@@ -302,7 +303,9 @@ def verify(
     if numerics and source is None:
         raise typer.BadParameter("--numerics needs --source (the checkpoint it was converted from)",
                                  param_hint="--numerics")
-    report = run(path, source=source, sample=None if all_tensors else sample, numerics=numerics)
+    sink.phase(f"opening {path}")
+    report = run(path, source=source, sample=None if all_tensors else sample, numerics=numerics,
+                 on_phase=sink.phase)
     summary = report.summary()
     if as_json:
         sink.data(summary)
@@ -385,6 +388,19 @@ def _failure(code: int, error: str, message: str, exc: BaseException | None = No
     return code
 
 
+def _without_value_display(group: typer.core.TyperGroup) -> typer.core.TyperGroup:
+    """Typer gives its own switches (-h/--help, --install-completion, --show-completion) no metavar, so
+    rich help shows them as taking a `<bool>` value; give them the empty one our own switches carry."""
+    context = group.make_context("w4a8conv", [], resilient_parsing=True)
+    for command in [group, *group.commands.values()]:
+        switches = [param for param in command.params if getattr(param, "is_flag", False)]
+        help_option = command.get_help_option(context)
+        for switch in [*switches, *([help_option] if help_option is not None else [])]:
+            if switch.metavar is None:
+                switch.metavar = ""
+    return group
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: usage errors exit 2 and w4a8conv errors their own code, each as one
     `error:` line on stderr (and one JSON object on stdout under --json); an unexpected exception
@@ -394,7 +410,7 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
     sink.configure()
     _running.reset(as_json="--json" in args)  # also for a usage error found before the command starts
-    command = typer.main.get_command(app)
+    command = _without_value_display(typer.main.get_command(app))
     try:
         code = command.main(args=args, prog_name="w4a8conv", standalone_mode=False)
     except _click_exceptions.NoArgsIsHelpError as exc:

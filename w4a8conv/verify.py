@@ -9,6 +9,7 @@ and an fp32 forward of the source and compares the error with its bound (`numeri
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -278,7 +279,7 @@ def _check_numerics(ckpt: NpuReadyCheckpoint, src: SourceCheckpoint, report: Ver
 
 
 def verify(path: Path | str, *, source: Path | str | None = None, sample: int | None = 2,
-           seed: int = 0, numerics: bool = False) -> VerifyReport:
+           seed: int = 0, numerics: bool = False, on_phase: Callable[[str], None] | None = None) -> VerifyReport:
     """Check a converted directory; with `source`, also decode `sample` experts per layer (None: all);
     with `numerics` as well, run `sample` MoE layers (None: all) through the reference backend
     against the source's fp32 forward, and `sample` W4A8 Linear layers through the A16W4 emulation
@@ -287,6 +288,7 @@ def verify(path: Path | str, *, source: Path | str | None = None, sample: int | 
     Never raises for a damaged output: every finding is in `report.problems` (the CLI's exit 5).
     Raises `InvalidCheckpointError` only for a `source` that is unreadable or breaks a rule the
     conversion applies, content rules included (exit 3); `numerics` without `source` is a `UsageError`.
+    `on_phase(text)` is told each step as it starts (hashing, reading the source, comparing, numerics).
     """
     if numerics and source is None:
         raise UsageError("the numerics check needs the source checkpoint (source=...)")
@@ -297,6 +299,8 @@ def verify(path: Path | str, *, source: Path | str | None = None, sample: int | 
     except W4A8Error as exc:
         report.problems.append(str(exc))
         return report
+    phase = on_phase or (lambda _text: None)
+    phase(f"hashing {len(ckpt.stamp['shards']):,} shard(s)")
     try:
         stored = _check_integrity(ckpt, report)
     except (W4A8Error, OSError) as exc:  # a file that changed while it was checked
@@ -309,15 +313,19 @@ def verify(path: Path | str, *, source: Path | str | None = None, sample: int | 
         report.problems.append(f"{path / DESCRIPTION_NAME}: the stamp's source model_dtype {model_dtype!r} is not "
                                f"one of {', '.join(MODEL_DTYPES)}")
         return report
+    phase(f"reading the source {source}")
     src = open_converted_source(ckpt, source)  # an invalid source is exit 3, not a problem of the output
     mismatch = source_mismatch(ckpt, src)
     if mismatch:
         report.problems.append(f"{source}: {mismatch}")
         return report
     try:
+        phase("comparing " + ("every expert" if sample is None else f"{sample} sampled expert(s) per layer")
+              + " with the source")
         _check_fidelity(ckpt, src, stored, report, sample, seed)
         # Numerics runs even when fidelity found differences: its errors say how much they matter.
         if numerics:
+            phase("running the numerics check against an fp32 forward of the source")
             _check_numerics(ckpt, src, report, sample, seed)
     except NotConvertedError as exc:  # the output (source errors propagate: the source is invalid)
         report.problems.append(str(exc))
