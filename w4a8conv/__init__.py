@@ -5,7 +5,8 @@ Importing the package imports neither vLLM, vllm-ascend nor torch_npu.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__
+
 __all__ = ["__version__", "convert", "inspect"]
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__
+from .version import __version__
 from .constants import (CONVERTED_TYPE, DESCRIPTION_NAME, INDEX_NAME, LAYOUT_NAME, LAYOUT_VERSION, MAX_OPTION_VALUE,
                         STAMP_KEY, Variant)
 from .engine import JOURNAL_NAME, Journal, plan_fingerprint, run_shards, source_files_identity

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import __version__
+from .version import __version__
 from .constants import MAX_OPTION_VALUE, ExitCode
 from .errors import W4A8Error
 from .output import human_bytes as _human, sink

@@ -61,7 +61,7 @@ class GroupSizeFrom(str, Enum):
 
 @dataclass(frozen=True)
 class SourceCheckpoint:
-    """What a source directory holds, validated; tensor data is read only through `TensorRef.load`."""
+    """What a source directory holds, validated; tensor data is read only through `TensorReader`."""
 
     root: Path
     description_file: Path

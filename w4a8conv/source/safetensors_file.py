@@ -15,8 +15,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..dtypes import DTYPE_SIZES, MAX_DIM, TORCH_DTYPES, torch_can_hold
 from ..errors import InvalidCheckpointError
 
@@ -28,7 +26,7 @@ MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
 
 @dataclass(frozen=True)
 class TensorRef:
-    """Where one tensor's bytes lie; `load` reads just those bytes."""
+    """Where one tensor's bytes lie (`TensorReader` reads them)."""
 
     name: str
     file: Path
@@ -36,13 +34,6 @@ class TensorRef:
     shape: tuple[int, ...]
     offset: int  # absolute byte offset in `file`
     nbytes: int
-
-    def load(self) -> torch.Tensor:
-        """The tensor on CPU (reads just its bytes; for many reads use `TensorReader`)."""
-        from .reader import TensorReader
-
-        with TensorReader() as reader:
-            return reader.load(self)
 
 
 @dataclass(frozen=True)
