@@ -278,7 +278,7 @@ def test_convert_with_an_added_tensor_of_tricky_name_and_shape(bases, data, tmp_
             return
         assert verify(out, source=root, sample=None).ok
         ckpt = NpuReadyCheckpoint.open(out)
-        assert list(ckpt.tensor(name).shape) == shape
+        assert list(ckpt.tensor(name.replace(BIG_INT, BIG_INT_DIGITS)).shape) == shape  # the name as written
     finally:
         shutil.rmtree(root)
         shutil.rmtree(out, ignore_errors=True)
