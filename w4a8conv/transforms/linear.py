@@ -8,8 +8,9 @@ because vllm-ascend keeps it.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -18,14 +19,22 @@ from .bias import msd_bias_chunks
 from .int4 import kernel_words_from_pairs, kernel_words_from_values, unpack_int8_pairs_to_int4
 from .moe import Parts
 from .scales import round_to_dtype
+from .workspace import Workspace
 
-__all__ = ["LinearOutput", "LinearSpec", "LINEAR_SPECS"]
+__all__ = ["LinearMake", "LinearOutput", "LinearSpec", "LINEAR_SPECS"]
+
+
+class LinearMake(Protocol):
+    """(parts, model dtype) -> output tensor; `workspace` and `out` as for the MoE `Make`."""
+
+    def __call__(self, parts: Parts, model_dtype: torch.dtype, workspace: Workspace | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
 class LinearOutput:
     needs: tuple[str, ...]
-    make: Callable[[Parts, torch.dtype], torch.Tensor]  # (parts, model dtype) -> output tensor
+    make: LinearMake
 
 
 @dataclass(frozen=True)
@@ -42,32 +51,49 @@ class LinearSpec:
         return unpack_int8_pairs_to_int4(weight, dim=0) if self.packed_pairs else weight
 
 
-def _antiquant(parts: Parts, model_dtype: torch.dtype) -> torch.Tensor:
+def _antiquant(parts: Parts, model_dtype: torch.dtype, _workspace: Workspace | None = None,
+               _out: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 [in/G, out]: (scale x scale_second) from scales held in the model dtype."""
     channel = round_to_dtype(parts["weight_scale"], model_dtype).reshape(1, -1)
     return channel * round_to_dtype(parts["weight_scale_second"], model_dtype).t()
 
 
-def _computed_bias(parts: Parts, model_dtype: torch.dtype) -> torch.Tensor:
+def _computed_bias(parts: Parts, model_dtype: torch.dtype, workspace: Workspace | None = None,
+                   _out: torch.Tensor | None = None) -> torch.Tensor:
     return msd_bias_chunks(parts["weight"], round_to_dtype(parts["weight_scale"], model_dtype),
-                           round_to_dtype(parts["weight_scale_second"], model_dtype), 1).reshape(-1)
+                           round_to_dtype(parts["weight_scale_second"], model_dtype), 1, workspace).reshape(-1)
 
 
-def _checkpoint_bias(parts: Parts, _model_dtype: torch.dtype) -> torch.Tensor:
+def _checkpoint_bias(parts: Parts, _model_dtype: torch.dtype, _workspace: Workspace | None = None,
+                     _out: torch.Tensor | None = None) -> torch.Tensor:
     """[out, 1] is flattened to [out]; a row-parallel layer's [out, 16] is kept (as vllm-ascend does)."""
     bias = parts["scale_bias"].to(torch.float32)
     return bias.reshape(-1) if bias.shape[1] == 1 else bias
+
+
+def _kernel_bytes(out: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor | None:
+    return None if out is None else out.view(weight.shape[1], out.numel() // weight.shape[1])
+
+
+def _weight_from_values(parts: Parts, _model_dtype: torch.dtype, workspace: Workspace | None = None,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+    return kernel_words_from_values(parts["weight"], _kernel_bytes(out, parts["weight"]), workspace)
+
+
+def _weight_from_pairs(parts: Parts, _model_dtype: torch.dtype, workspace: Workspace | None = None,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+    return kernel_words_from_pairs(parts["weight"], _kernel_bytes(out, parts["weight"]), workspace)
 
 
 _ANTIQUANT = LinearOutput(("weight_scale", "weight_scale_second"), _antiquant)
 
 LINEAR_SPECS: dict[Variant, LinearSpec] = {
     Variant.LINEAR_GROUP_V0: LinearSpec(False, {
-        "weight": LinearOutput(("weight",), lambda p, _d: kernel_words_from_values(p["weight"])),
+        "weight": LinearOutput(("weight",), _weight_from_values),
         "weight_scale_second": _ANTIQUANT,
         "weight_scale_bias": LinearOutput(("weight", "weight_scale", "weight_scale_second"), _computed_bias)}),
     Variant.LINEAR_GROUP_V1: LinearSpec(True, {
-        "weight": LinearOutput(("weight",), lambda p, _d: kernel_words_from_pairs(p["weight"])),
+        "weight": LinearOutput(("weight",), _weight_from_pairs),
         "weight_scale_second": _ANTIQUANT,
         "scale_bias": LinearOutput(("scale_bias",), _checkpoint_bias)}),
 }

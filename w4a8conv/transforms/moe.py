@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -19,11 +20,23 @@ from ..constants import Variant
 from .bias import msd_bias_chunks
 from .int4 import kernel_words_from_pairs, kernel_words_from_values, unpack_int8_pairs_to_int4
 from .scales import encode_fp32_bits_as_int64, fuse_group_scales_fp16
+from .workspace import Workspace
 
-__all__ = ["Parts", "Output", "ScaleLayout", "MoeSpec", "MOE_SPECS"]
+__all__ = ["Parts", "Make", "Output", "ScaleLayout", "MoeSpec", "MOE_SPECS"]
 
 Parts = Mapping[str, torch.Tensor]
 """Source tensors of one projection keyed by suffix (weight, weight_scale, weight_scale_second, scale_bias)."""
+
+
+class Make(Protocol):
+    """(parts, bias chunks) -> one expert's slice of an output tensor.
+
+    `workspace` lends reusable temporaries; `out`, an int8 tensor of the result's size (a staging
+    buffer's slice), may receive the result, which is then a view of it: the weight transforms write
+    there directly, the small outputs ignore it (the caller copies what it gets)."""
+
+    def __call__(self, parts: Parts, chunks: int, workspace: Workspace | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -31,7 +44,7 @@ class Output:
     """One output tensor's producer: the source suffixes it reads and the pure function."""
 
     needs: tuple[str, ...]
-    make: Callable[[Parts, int], torch.Tensor]  # (parts, bias chunks) -> one expert's slice
+    make: Make
 
 
 @dataclass(frozen=True)
@@ -95,50 +108,69 @@ class MoeSpec:
         return unpack_int8_pairs_to_int4(weight, dim=0) if self.packed_pairs else weight
 
 
-def _weight_from_values(parts: Parts, _chunks: int) -> torch.Tensor:
-    return kernel_words_from_values(parts["weight"])
+def _kernel_bytes(out: torch.Tensor | None, parts: Parts) -> torch.Tensor | None:
+    """`out` viewed as the int8 [in, out/2] the weight transforms write (None stays None)."""
+    if out is None:
+        return None
+    rows, cols = parts["weight"].shape
+    return out.view(cols, out.numel() // cols)
 
 
-def _weight_from_pairs(parts: Parts, _chunks: int) -> torch.Tensor:
-    return kernel_words_from_pairs(parts["weight"])
+def _weight_from_values(parts: Parts, _chunks: int, workspace: Workspace | None = None,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+    return kernel_words_from_values(parts["weight"], _kernel_bytes(out, parts), workspace)
 
 
-def _group_scale(parts: Parts, _chunks: int) -> torch.Tensor:
+def _weight_from_pairs(parts: Parts, _chunks: int, workspace: Workspace | None = None,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+    return kernel_words_from_pairs(parts["weight"], _kernel_bytes(out, parts), workspace)
+
+
+def _group_scale(parts: Parts, _chunks: int, _workspace: Workspace | None = None,
+                 _out: torch.Tensor | None = None) -> torch.Tensor:
     return encode_fp32_bits_as_int64(fuse_group_scales_fp16(parts["weight_scale"], parts["weight_scale_second"]))
 
 
-def _channel_scale(parts: Parts, _chunks: int) -> torch.Tensor:
+def _channel_scale(parts: Parts, _chunks: int, _workspace: Workspace | None = None,
+                   _out: torch.Tensor | None = None) -> torch.Tensor:
     return encode_fp32_bits_as_int64(parts["weight_scale"].to(torch.float32).reshape(1, -1))
 
 
-def _unfused_group_scale(parts: Parts, _chunks: int) -> torch.Tensor:
+def _unfused_group_scale(parts: Parts, _chunks: int, _workspace: Workspace | None = None,
+                         _out: torch.Tensor | None = None) -> torch.Tensor:
     """compressed-tensors per group: [out, in/G] bf16 -> int64 [in/G, out] holding its fp32 bits."""
     return encode_fp32_bits_as_int64(parts["weight_scale"].to(torch.float32).t())
 
 
-def _unfused_group_bias(parts: Parts, chunks: int) -> torch.Tensor:
+def _unfused_group_bias(parts: Parts, chunks: int, workspace: Workspace | None = None,
+                        _out: torch.Tensor | None = None) -> torch.Tensor:
     channel, group = COMPRESSED_GROUP.factors(parts)
-    return msd_bias_chunks(parts["weight"], channel, group, chunks)
+    return msd_bias_chunks(parts["weight"], channel, group, chunks, workspace)
 
 
-def _checkpoint_bias(parts: Parts, _chunks: int) -> torch.Tensor:
+def _checkpoint_bias(parts: Parts, _chunks: int, _workspace: Workspace | None = None,
+                     _out: torch.Tensor | None = None) -> torch.Tensor:
     return parts["scale_bias"].to(torch.float32)
 
 
-def _group_bias(parts: Parts, chunks: int) -> torch.Tensor:
-    return msd_bias_chunks(parts["weight"], parts["weight_scale"], parts["weight_scale_second"], chunks)
+def _group_bias(parts: Parts, chunks: int, workspace: Workspace | None = None,
+                _out: torch.Tensor | None = None) -> torch.Tensor:
+    return msd_bias_chunks(parts["weight"], parts["weight_scale"], parts["weight_scale_second"], chunks, workspace)
 
 
-def _channel_bias(parts: Parts, chunks: int) -> torch.Tensor:
-    return msd_bias_chunks(parts["weight"], parts["weight_scale"], None, chunks)
+def _channel_bias(parts: Parts, chunks: int, workspace: Workspace | None = None,
+                  _out: torch.Tensor | None = None) -> torch.Tensor:
+    return msd_bias_chunks(parts["weight"], parts["weight_scale"], None, chunks, workspace)
 
 
-def _channel_bias_from_pairs(parts: Parts, chunks: int) -> torch.Tensor:
+def _channel_bias_from_pairs(parts: Parts, chunks: int, workspace: Workspace | None = None,
+                             _out: torch.Tensor | None = None) -> torch.Tensor:
     """gate/up: the checkpoint's bias; down: its 16 chunk sums recomputed from the packed integers (the
     checkpoint holds only their total, which `produce` checks them against)."""
     if chunks == 1:
         return _checkpoint_bias(parts, chunks)
-    return msd_bias_chunks(unpack_int8_pairs_to_int4(parts["weight"], dim=0), parts["weight_scale"], None, chunks)
+    return msd_bias_chunks(unpack_int8_pairs_to_int4(parts["weight"], dim=0), parts["weight_scale"], None, chunks,
+                           workspace)
 
 
 _VALUES = Output(("weight",), _weight_from_values)
