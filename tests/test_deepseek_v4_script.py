@@ -88,10 +88,10 @@ def test_the_fixture_is_in_the_script_format(script_source):
 
 def test_converts_keeping_the_source_names(script_converted):
     ck = NpuReadyCheckpoint.open(script_converted)
-    modules = ck.stamp["modules"]
+    modules = ck.stamp.modules
     assert sorted(modules) == sorted(BLOCKS)
-    assert {m["variant"] for m in modules.values()} == {"moe-channel-v1-bias-total"}
-    assert {tuple(m["projections"]) for m in modules.values()} == {("w1", "w3", "w2")}
+    assert {m.variant for m in modules.values()} == {"moe-channel-v1-bias-total"}
+    assert {tuple(m.projections) for m in modules.values()} == {("w1", "w3", "w2")}
     assert "mtp.0.ffn.experts.3.w2.scale_bias" in ck.tensor_names
     assert ck.tensor("mtp.0.ffn.experts.3.w2.scale_bias").shape == (DEEPSEEK_V4_SCRIPT.hidden, 16)
 
@@ -100,17 +100,17 @@ def test_converts_keeping_the_source_names(script_converted):
 def test_every_split_equals_vllm_ascend_on_the_msmodelslim_form(vllm_ascend_wheel, script_converted,
                                                                 msmodelslim_form, prefix):
     ck = NpuReadyCheckpoint.open(script_converted)
-    m = ck.stamp["modules"][prefix]
+    m = ck.stamp.modules[prefix]
     splits = [(tp, 1) for tp in TP_SIZES] + [(1, ep) for ep in EP_SIZES]
-    allowed = [s for s in splits if split_allowed(m["intermediate"], m["num_experts"], 0, *s)]
+    allowed = [s for s in splits if split_allowed(m.intermediate, m.num_experts, 0, *s)]
     assert len(allowed) == len(splits)
     for tp, ep in allowed:
         for rank in range(max(tp, ep)):
             split = {"tp_size": tp, "tp_rank": rank if tp > 1 else 0, "ep_size": ep, "ep_rank": rank if ep > 1 else 0}
             got = ck.moe_layer(prefix, **split)
             want = harness.moe_rank_tensors(msmodelslim_form, prefix, **split)
-            where = MoeWhere(("w1", "w3", "w2"), split["tp_rank"], m["intermediate"] // tp,
-                             split["ep_rank"] * (m["num_experts"] // ep), 0)
+            where = MoeWhere(("w1", "w3", "w2"), split["tp_rank"], m.intermediate // tp,
+                             split["ep_rank"] * (m.num_experts // ep), 0)
             label = f"{prefix} tp {split['tp_rank']}/{tp} ep {split['ep_rank']}/{ep}"
             for key in ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale"):
                 assert_ints_equal(got[key], want[key], f"{label} {key}", lambda i, k=key, w=where: w(k, i))

@@ -512,11 +512,12 @@ def test_runtime_tampered_shard_hash_fails_verify_exit_5(damaged):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda s: s.update(layout="someone-elses-layout"), "layout 'someone-elses-layout' is not 'w4a8conv-npu-ready'"),
-    (lambda s: s.update(layout_version=3), "layout version 3; this w4a8conv serves version 2 only"),
-    (lambda s: s.update(shards=["model-00001-of-00016.safetensors"]), "stamp has no 'shards' record"),
-    (lambda s: s.update(modules=None), "stamp has no 'modules' record"),
-    (lambda s: s.clear(), "w4a8conv"),
+    (lambda s: s.update(layout="someone-elses-layout"),
+     "stamp.layout: layout 'someone-elses-layout' is not 'w4a8conv-npu-ready'"),
+    (lambda s: s.update(layout_version=3), "stamp.layout_version: layout version 3; this w4a8conv serves version 2 only"),
+    (lambda s: s.update(shards=["model-00001-of-00016.safetensors"]), "stamp.shards: expected an object, got array"),
+    (lambda s: s.update(modules=None), "stamp.modules: expected an object, got null"),
+    (lambda s: s.clear(), "stamp.layout: missing: not a stamp w4a8conv wrote"),
 ], ids=["foreign-layout", "future-layout-version", "shards-not-a-map", "modules-missing", "stamp-empty"])
 def test_runtime_refuses_a_tampered_stamp(damaged, change, message):
     _stamp(damaged, change)

@@ -73,9 +73,9 @@ def converted_exports(produced, tmp_path_factory) -> dict[str, tuple[Path, Path,
         report = convert(source, out, options=ConvertOptions(workers=1))
         stamp = NpuReadyCheckpoint.open(out).stamp
         reference = source
-        if stamp["source"]["group_size_from"] == "shapes":  # vllm-ascend would read 256: give it the value
+        if stamp.source.group_size_from == "shapes":  # vllm-ascend would read 256: give it the value
             reference = harness.with_description_keys(source, out.parent / "described",
-                                                      group_size=stamp["source"]["group_size"])
+                                                      group_size=stamp.source.group_size)
         results[name] = (source, out, reference, report.warnings)
     return results
 
@@ -97,16 +97,16 @@ def test_export_converts_every_w4a8_module(converted_exports, name):
     moe, linear = _w4a8_modules(source)
     assert bool(moe) == (name in MOE_EXPORTS), f"{name}: W4A8 experts {sorted(moe)}"
     assert moe or linear, f"{name}: msModelSlim wrote no W4A8 module"
-    modules = stamp["modules"]
-    assert {p for p, m in modules.items() if m["kind"] == "moe"} == moe
-    assert {p for p, m in modules.items() if m["kind"] == "linear"} == linear
+    modules = stamp.modules
+    assert {p for p, m in modules.items() if m.kind == "moe"} == moe
+    assert {p for p, m in modules.items() if m.kind == "linear"} == linear
     inferred = EXPECTED[name][1]
     if inferred:
-        assert (stamp["source"]["group_size"], stamp["source"]["group_size_from"]) == (inferred, "shapes")
+        assert (stamp.source.group_size, stamp.source.group_size_from) == (inferred, "shapes")
         assert len(warnings) == 1 and f"group size {inferred} inferred" in warnings[0], warnings
         assert "vllm-ascend would have used 256" in warnings[0]
     else:
-        assert stamp["source"]["group_size_from"] == "description"
+        assert stamp.source.group_size_from == "description"
 
 
 @pytest.mark.parametrize("name", MOE_EXPORTS)
@@ -114,10 +114,10 @@ def test_moe_ranks_equal_vllm_ascend_at_every_split(converted_exports, name):
     _source, out, reference, _warnings = converted_exports[name]
     ck = NpuReadyCheckpoint.open(out)
     compared = 0
-    for prefix, m in ck.stamp["modules"].items():
-        if m["kind"] != "moe":
+    for prefix, m in ck.stamp.modules.items():
+        if m.kind != "moe":
             continue
-        group, intermediate, experts = m["group_size"], m["intermediate"], m["num_experts"]
+        group, intermediate, experts = m.group_size, m.intermediate, m.num_experts
         splits = [(tp, 1) for tp in TP_SIZES] + [(1, ep) for ep in EP_SIZES]
         for tp, ep in [s for s in splits if split_allowed(intermediate, experts, group, *s)]:
             part, local = intermediate // tp, experts // ep
@@ -125,7 +125,7 @@ def test_moe_ranks_equal_vllm_ascend_at_every_split(converted_exports, name):
                 split = {"tp_size": tp, "tp_rank": rank if tp > 1 else 0, "ep_size": ep,
                          "ep_rank": rank if ep > 1 else 0}
                 got, want = ck.moe_layer(prefix, **split), harness.moe_rank_tensors(reference, prefix, **split)
-                where = MoeWhere(tuple(m["projections"]), split["tp_rank"], part, split["ep_rank"] * local, group)
+                where = MoeWhere(tuple(m.projections), split["tp_rank"], part, split["ep_rank"] * local, group)
                 label = f"{name} {prefix} tp {split['tp_rank']}/{tp} ep {split['ep_rank']}/{ep}"
                 for key in ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale"):
                     assert_ints_equal(got[key], want[key], f"{label} {key}", lambda i, k=key, w=where: w(k, i))
@@ -139,7 +139,7 @@ def test_moe_ranks_equal_vllm_ascend_at_every_split(converted_exports, name):
 def test_linear_layers_equal_vllm_ascend(converted_exports, name):
     _source, out, reference, _warnings = converted_exports[name]
     ck = NpuReadyCheckpoint.open(out)
-    layers = [p for p, m in ck.stamp["modules"].items() if m["kind"] == "linear"]
+    layers = [p for p, m in ck.stamp.modules.items() if m.kind == "linear"]
     assert layers, f"{name}: llm_ptq quantizes attention and dense MLPs W4A8, none converted"
     for prefix in layers:
         got, want = ck.linear(prefix), harness.linear_tensors(reference, prefix)

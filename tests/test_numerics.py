@@ -67,12 +67,12 @@ def test_fresh_conversion_is_within_each_layers_bound(converted, preset):
     source, out = converted(preset)
     ckpt = NpuReadyCheckpoint.open(out)
     layers = check_numerics(ckpt, source)
-    assert [n.prefix for n in layers] == sorted(p for p, m in ckpt.stamp["modules"].items() if m["kind"] == "moe")
+    assert [n.prefix for n in layers] == sorted(p for p, m in ckpt.stamp.modules.items() if m.kind == "moe")
     for n in layers:
         assert n.ok, n.problem()
         # measured 1.9–2.3 % on the presets; the bound with the inputs' own c1, c2, γ is 7–8 %
         assert 0.005 < n.error < 0.04 and n.bound < 0.0878, n.as_dict()
-        assert n.experts == ckpt.stamp["modules"][n.prefix]["num_experts"]
+        assert n.experts == ckpt.stamp.modules[n.prefix].num_experts
 
 
 def test_verify_reports_numerics_per_layer(converted):
@@ -142,7 +142,7 @@ def test_linear_layers_are_checked_within_their_bound(converted):
         source, out = converted(preset)
         ckpt = NpuReadyCheckpoint.open(out)
         layers = check_numerics(ckpt, source)
-        linears = sorted(p for p, m in ckpt.stamp["modules"].items() if m["kind"] == "linear")
+        linears = sorted(p for p, m in ckpt.stamp.modules.items() if m.kind == "linear")
         assert [n.prefix for n in layers if isinstance(n, LinearNumerics)] == linears and linears
         for n in layers:
             assert n.ok, n.problem()
@@ -156,10 +156,10 @@ def test_linear_check_catches_a_wrong_antiquant_scale_and_nibble_order(converted
 
     source, out = converted("linear-v1")
     ckpt = NpuReadyCheckpoint.open(out)
-    prefix = next(p for p, m in ckpt.stamp["modules"].items() if m["kind"] == "linear")
+    prefix = next(p for p, m in ckpt.stamp.modules.items() if m.kind == "linear")
     src = open_source(source)
     with TensorReader() as reader:
-        want = dequantized_linear(src, reader, prefix, ckpt.stamp["modules"][prefix])
+        want = dequantized_linear(src, reader, prefix, ckpt.stamp.modules[prefix])
     tensors = ckpt.linear(prefix)
     good = linear_numerics(prefix, tensors, want, torch.bfloat16)
     assert good.ok and good.error < good.bound / 10, good.as_dict()  # the bound is a worst case: ρ·4u

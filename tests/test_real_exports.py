@@ -94,9 +94,9 @@ def test_group_size_inferred_from_the_shapes_is_stamped_and_warned(old_format_co
     _src, out, warnings = old_format_converted
     assert warnings == [WARNING]
     stamp = NpuReadyCheckpoint.open(out).stamp
-    assert (stamp["source"]["group_size"], stamp["source"]["group_size_from"]) == (64, "shapes")
-    assert {m["group_size"] for m in stamp["modules"].values()} == {64}
-    kinds = sorted(m["kind"] for m in stamp["modules"].values())
+    assert (stamp.source.group_size, stamp.source.group_size_from) == (64, "shapes")
+    assert {m.group_size for m in stamp.modules.values()} == {64}
+    kinds = sorted(m.kind for m in stamp.modules.values())
     assert kinds.count("moe") == 1 and "linear" in kinds  # the W4A8 attention and MLP projections too
 
 
@@ -118,7 +118,7 @@ def test_group_size_option_is_checked_against_the_shapes(old_format, tmp_path):
     stated = convert(old_format, tmp_path / "stated", options=ConvertOptions(workers=1, group_size=64))
     assert stated.warnings == []
     stamp = NpuReadyCheckpoint.open(tmp_path / "stated").stamp
-    assert (stamp["source"]["group_size"], stamp["source"]["group_size_from"]) == (64, "option")
+    assert (stamp.source.group_size, stamp.source.group_size_from) == (64, "option")
     assert verify(tmp_path / "stated", source=old_format, sample=1).ok
     with pytest.raises(InvalidCheckpointError, match="--group-size 32 disagrees with the shapes") as err:
         convert(old_format, tmp_path / "wrong", options=ConvertOptions(workers=1, group_size=32))

@@ -26,6 +26,7 @@ from w4a8conv.runtime import MoELayer, NpuReadyCheckpoint
 from w4a8conv.runtime.reference import (dynamic_quant, grouped_matmul_a8w4, kernel_scale, msd_split, route,
                                         swiglu)
 from w4a8conv.source import TensorReader, open_source
+from w4a8conv.stamp import MoeRecord
 from w4a8conv.synthetic import PRESETS
 from w4a8conv.transforms.int4 import pack_int4_to_int32
 from w4a8conv.transforms.scales import decode_int64_to_fp32, encode_fp32_bits_as_int64
@@ -88,15 +89,15 @@ def test_bound_derivation():
 TOKENS, TOP_K = 64, 2
 
 
-def moe_layers(ckpt: NpuReadyCheckpoint) -> list[tuple[str, dict]]:
-    return sorted((p, m) for p, m in ckpt.stamp["modules"].items() if m["kind"] == "moe")
+def moe_layers(ckpt: NpuReadyCheckpoint) -> list[tuple[str, MoeRecord]]:
+    return sorted((p, m) for p, m in ckpt.stamp.modules.items() if m.kind == "moe")
 
 
 @dataclass
 class Case:
     ckpt: NpuReadyCheckpoint
     prefix: str
-    record: dict
+    record: MoeRecord
     x: torch.Tensor
     ids: torch.Tensor
     weights: torch.Tensor
@@ -120,11 +121,11 @@ def cases(converted):
             ckpt = NpuReadyCheckpoint.open(output)
             found = []
             for prefix, record in moe_layers(ckpt):
-                x, ids, weights = make_inputs(record["hidden"], record["num_experts"], tokens=TOKENS, top_k=TOP_K)
-                experts = range(record["num_experts"])
+                x, ids, weights = make_inputs(record.hidden, record.num_experts, tokens=TOKENS, top_k=TOP_K)
+                experts = range(record.num_experts)
                 with TensorReader() as reader:
                     source_weights = dequantized_experts(open_source(source), reader, prefix, record, experts)
-                ref = fp32_forward(source_weights, record["projections"], x, ids, weights)
+                ref = fp32_forward(source_weights, record.projections, x, ids, weights)
                 found.append(Case(ckpt, prefix, record, x, ids, weights, ref))
             assert found, f"{name}: no converted MoE layer"
             cache[name] = found
@@ -251,8 +252,8 @@ MEASURED: dict[str, float] = {}
 def test_reference_forward_is_within_the_bound(cases, preset):
     """See `test_bound_derivation`: the premises are checked on these inputs, then the error."""
     for case in cases(preset):
-        groups = [case.record["hidden"] // (case.record["group_size"] or case.record["hidden"]),
-                  case.record["intermediate"] // (case.record["group_size"] or case.record["intermediate"])]
+        groups = [case.record.hidden // (case.record.group_size or case.record.hidden),
+                  case.record.intermediate // (case.record.group_size or case.record.intermediate)]
         assert sum(groups) <= GROUPS_MAX
         c1, c2 = crest(case.x.to(torch.float32)), crest(case.ref.z)
         gamma = swiglu_gain(case.ref.a, case.ref.b)
@@ -308,7 +309,7 @@ def test_nibble_swap_changes_every_mixed_word():
 def test_per_channel_v0_is_right_only_with_the_computed_bias(cases):
     """vllm-ascend 0.11 serves per-channel "0" experts with no bias; the converted bias fixes that."""
     case = cases("moe-channel-v0")[0]
-    assert case.record["variant"] == Variant.MOE_CHANNEL_V0.value
+    assert case.record.variant == Variant.MOE_CHANNEL_V0.value
     layer = case.layer()
     assert float(layer.w13_scale_bias.abs().max()) > 0 and float(layer.w2_scale_bias.abs().max()) > 0
     assert case.error(layer) <= BOUND
@@ -344,7 +345,7 @@ def test_ep_rank_outputs_sum_to_the_unsplit_output(cases, preset, ep):
     full = case.layer()(case.x, case.ids, case.weights).to(torch.float32)
     ranks = [case.layer(ep_size=ep, ep_rank=r)(case.x, case.ids, case.weights).to(torch.float32) for r in range(ep)]
     for r, out in enumerate(ranks):    # a rank's output is zero exactly where it has no copy
-        per_ep = case.record["num_experts"] // ep
+        per_ep = case.record.num_experts // ep
         mine = ((case.ids >= r * per_ep) & (case.ids < (r + 1) * per_ep)).any(dim=1)
         assert not out[~mine].any()
     total = torch.stack(ranks).sum(dim=0)
@@ -354,7 +355,7 @@ def test_ep_rank_outputs_sum_to_the_unsplit_output(cases, preset, ep):
 
 
 def _gmm_inputs(case: Case):
-    routing = route(case.ids, 0, case.record["num_experts"])
+    routing = route(case.ids, 0, case.record.num_experts)
     x, pts = dynamic_quant(case.x[routing.token])
     return routing, x, pts
 
@@ -372,7 +373,7 @@ def test_tp_rank_matmuls_add_up_to_the_unsplit_ones(cases, preset, tp):
     case = cases(preset)[0]
     routing, x, pts = _gmm_inputs(case)
     full = case.ckpt.moe_layer(case.prefix)
-    inter = case.record["intermediate"]
+    inter = case.record.intermediate
     h = grouped_matmul_a8w4(x, full["w13_weight"], full["w13_weight_scale"], full["w13_scale_bias"], pts,
                             routing.counts)
     x2, pts2 = dynamic_quant(swiglu(h))
@@ -388,7 +389,7 @@ def test_tp_rank_matmuls_add_up_to_the_unsplit_ones(cases, preset, tp):
         assert torch.equal(h_r, h[:, cols])
         total += grouped_matmul_a8w4(x2[:, r * part:(r + 1) * part], rank["w2_weight"], rank["w2_weight_scale"],
                                      rank["w2_scale_bias"], pts2, routing.counts).to(torch.float32)
-    groups2 = inter // (case.record["group_size"] or inter)
+    groups2 = inter // (case.record.group_size or inter)
     assert relative_error(total, y) <= (groups2 + 1) * U16 * 2 + (tp + 1) * BF16
 
 
@@ -406,7 +407,7 @@ def test_tp_rank_outputs_sum_to_the_unsplit_output(cases, preset, tp, ep):
     full = case.layer()(case.x, case.ids, case.weights)
     total = sum(case.layer(tp_size=tp, tp_rank=t, ep_size=ep, ep_rank=r)(case.x, case.ids, case.weights)
                 .to(torch.float32) for t in range(tp) for r in range(ep))
-    groups2 = case.record["intermediate"] // (case.record["group_size"] or case.record["intermediate"])
+    groups2 = case.record.intermediate // (case.record.group_size or case.record.intermediate)
     tolerance = 2 * C2_MAX / 254 + (groups2 + 1) * U16 * 2 + (tp * ep + 1) * BF16
     difference = relative_error(total, full)
     MEASURED[f"{preset}:tp{tp}ep{ep}_vs_unsplit"] = difference
@@ -430,7 +431,7 @@ def test_npu_backend_without_torch_npu_names_what_is_missing(cases):
     with pytest.raises(UsageError, match=r"backend 'npu' needs torch_npu.*backend='reference'"):
         case.layer(backend="npu")
     with pytest.raises(UsageError, match="torch_npu"):
-        MoELayer(case.ckpt.moe_layer(case.prefix), num_experts=case.record["num_experts"], backend="npu")
+        MoELayer(case.ckpt.moe_layer(case.prefix), num_experts=case.record.num_experts, backend="npu")
 
 
 def test_npu_backend_wiring_with_a_stub_torch_npu(cases, monkeypatch):

@@ -159,17 +159,17 @@ def test_moe_layers_round_trip(converted, name):
     src_dir, out = converted(name)
     src = Source(src_dir)
     ck = NpuReadyCheckpoint.open(out)
-    modules = ck.stamp["modules"]
-    moe = {p: m for p, m in modules.items() if m["kind"] == "moe"}
+    modules = ck.stamp.modules
+    moe = {p: m for p, m in modules.items() if m.kind == "moe"}
     assert set(moe) == expected_modules(name)[0]
     spec = PRESETS[name]
     g = src.group_size
     for prefix, m in moe.items():
-        assert m["num_experts"] == spec.num_experts
-        assert tuple(m["projections"]) == spec.projections
-        assert (m["hidden"], m["intermediate"], m["group_size"]) == (spec.hidden, spec.intermediate, g)
-        down = m["projections"][2]
-        for proj in m["projections"]:
+        assert m.num_experts == spec.num_experts
+        assert tuple(m.projections) == spec.projections
+        assert (m.hidden, m.intermediate, m.group_size) == (spec.hidden, spec.intermediate, g)
+        down = m.projections[2]
+        for proj in m.projections:
             is_down = proj == down
             out_dim, in_dim = (spec.hidden, spec.intermediate) if is_down else (spec.intermediate, spec.hidden)
             for e in range(spec.num_experts):
@@ -198,7 +198,7 @@ def test_linear_layers_round_trip(converted, name):
     src_dir, out = converted(name)
     src = Source(src_dir)
     ck = NpuReadyCheckpoint.open(out)
-    linear = {p: m for p, m in ck.stamp["modules"].items() if m["kind"] == "linear"}
+    linear = {p: m for p, m in ck.stamp.modules.items() if m.kind == "linear"}
     assert set(linear) == expected_modules(name)[1]
     dtype = MODEL_DTYPES[src.model_dtype]
     g = src.group_size
@@ -206,7 +206,7 @@ def test_linear_layers_round_trip(converted, name):
     for prefix, m in linear.items():
         values = src.values(prefix + ".weight")
         out_dim, in_dim = values.shape
-        assert (m["out_features"], m["in_features"], m["group_size"]) == (out_dim, in_dim, g)
+        assert (m.out_features, m.in_features, m.group_size) == (out_dim, in_dim, g)
         weight = ck.tensor(prefix + ".weight")
         assert weight.dtype == torch.int32 and weight.shape == (in_dim, out_dim // 8)
         assert torch.equal(unpack_int32_to_int4(weight), values.t())

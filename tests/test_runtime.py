@@ -43,8 +43,8 @@ def edit_description(root: Path, change) -> None:
 def test_open_accepts_a_conversion(converted):
     _src, out = converted("moe-group-v1")
     ck = NpuReadyCheckpoint.open(out)
-    assert ck.stamp["layout"] == "w4a8conv-npu-ready"
-    assert MOE in ck.stamp["modules"]
+    assert ck.stamp.layout == "w4a8conv-npu-ready"
+    assert MOE in ck.stamp.modules
     assert ck.type_of(f"{MOE}.experts.0.gate_proj.weight") == "W4A8_DYNAMIC_NPU"
 
 

@@ -49,7 +49,7 @@ def _open(converted, name: str):
     source = harness.SourceCheckpoint(source_dir)
     ck = NpuReadyCheckpoint.open(out_dir)
     moe, linear = _expected_modules(source)
-    stamped = {kind: {p for p, m in ck.stamp["modules"].items() if m.get("kind") == kind} for kind in ("moe", "linear")}
+    stamped = {kind: {p for p, m in ck.stamp.modules.items() if m.kind == kind} for kind in ("moe", "linear")}
     assert stamped["moe"] == moe, f"{name}: converted MoE blocks {sorted(stamped['moe'])} != source's {sorted(moe)}"
     assert stamped["linear"] == linear, (f"{name}: converted Linear layers {sorted(stamped['linear'])} "
                                          f"!= source's {sorted(linear)}")
@@ -240,22 +240,22 @@ def _channel_v0_bias(source: harness.SourceCheckpoint, prefix: str, projections,
 @pytest.mark.parametrize("preset, tp, ep", MOE_CASES)
 def test_moe_rank_equals_vllm_ascend(vllm_ascend_wheel, converted, preset, tp, ep):
     source_dir, source, ck = _open(converted, preset)
-    layers = sorted(p for p, m in ck.stamp["modules"].items() if m["kind"] == "moe")
+    layers = sorted(p for p, m in ck.stamp.modules.items() if m.kind == "moe")
     assert layers, f"{preset}: no converted MoE layer"
     for prefix in layers:
-        m = ck.stamp["modules"][prefix]
-        group, intermediate, experts = m["group_size"], m["intermediate"], m["num_experts"]
+        m = ck.stamp.modules[prefix]
+        group, intermediate, experts = m.group_size, m.intermediate, m.num_experts
         assert split_allowed(intermediate, experts, group, tp, ep), (
             f"{preset} {prefix}: stamp (I={intermediate}, E={experts}, G={group}) refuses tp={tp} ep={ep}, "
             "which the preset's spec allows")
-        channel_v0 = m["variant"] == "moe-channel-v0"
+        channel_v0 = m.variant == "moe-channel-v0"
         part, local = intermediate // tp, experts // ep
         for rank in range(max(tp, ep)):
             split = {"tp_size": tp, "tp_rank": rank if tp > 1 else 0, "ep_size": ep, "ep_rank": rank if ep > 1 else 0}
             got = ck.moe_layer(prefix, **split)
             want = harness.moe_rank_tensors(source_dir, prefix, **split)
             first = split["ep_rank"] * local
-            where = MoeWhere(tuple(m["projections"]), split["tp_rank"], part, first, group)
+            where = MoeWhere(tuple(m.projections), split["tp_rank"], part, first, group)
             label = f"{preset} {prefix} tp {split['tp_rank']}/{tp} ep {split['ep_rank']}/{ep}"
             assert set(got) == set(harness.MOE_KEYS), f"{label}: keys {sorted(got)}"
             for key in ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale"):
@@ -263,7 +263,7 @@ def test_moe_rank_equals_vllm_ascend(vllm_ascend_wheel, converted, preset, tp, e
             if channel_v0:
                 for key in ("w13_scale_bias", "w2_scale_bias"):
                     assert want[key].numel() == 0, f"{label}: vllm-ascend 0.11 was expected to hold no {key}"
-                ref13, ref2 = _channel_v0_bias(source, prefix, tuple(m["projections"]),
+                ref13, ref2 = _channel_v0_bias(source, prefix, tuple(m.projections),
                                                range(first, first + local), split["tp_rank"], part)
                 references = {"w13_scale_bias": ref13, "w2_scale_bias": ref2}
             else:
@@ -279,7 +279,7 @@ def test_moe_rank_equals_vllm_ascend(vllm_ascend_wheel, converted, preset, tp, e
 @pytest.mark.parametrize("preset", LINEAR_CASES)
 def test_linear_equals_vllm_ascend(vllm_ascend_wheel, converted, preset):
     source_dir, _, ck = _open(converted, preset)
-    layers = sorted(p for p, m in ck.stamp["modules"].items() if m["kind"] == "linear")
+    layers = sorted(p for p, m in ck.stamp.modules.items() if m.kind == "linear")
     assert layers, f"{preset}: no converted Linear layer"
     for prefix in layers:
         got = ck.linear(prefix)

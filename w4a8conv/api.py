@@ -25,6 +25,7 @@ from .resources import ResourcePlan, estimate_resources, free_disk_bytes, usable
 from .runtime.vllm_ascend import serving_release_lines
 from .source import TensorReader, open_source
 from .source.checkpoint import DEFAULT_GROUP_SIZE, GroupSizeFrom, SourceCheckpoint, read_json
+from .stamp import LinearRecord, ModuleRecord, MoeRecord, ShardRecord, SourceRecord, Stamp
 from .transforms import LINEAR_SPECS
 from .writer import WrittenShard, assign_shards, copy_file_atomic, write_json_atomic
 
@@ -83,35 +84,29 @@ def _source_warnings(source: SourceCheckpoint) -> list[str]:
     return []
 
 
-def _module_record(module: MoeLayer | LinearModule) -> dict:
+def _module_record(module: MoeLayer | LinearModule) -> ModuleRecord:
     if isinstance(module, MoeLayer):
-        return {"kind": "moe", "variant": module.variant.value, "num_experts": module.num_experts,
-                "projections": list(module.projections), "hidden": module.hidden,
-                "intermediate": module.intermediate, "group_size": module.group_size}
-    return {"kind": "linear", "variant": module.variant.value, "out_features": module.out_features,
-            "in_features": module.in_features, "group_size": module.group_size,
-            "bias": LINEAR_SPECS[module.variant].bias_name, "bias_columns": module.bias_columns}
+        return MoeRecord(variant=module.variant, num_experts=module.num_experts, projections=module.projections,
+                         hidden=module.hidden, intermediate=module.intermediate, group_size=module.group_size)
+    return LinearRecord(variant=module.variant, out_features=module.out_features, in_features=module.in_features,
+                        group_size=module.group_size, bias=LINEAR_SPECS[module.variant].bias_name,
+                        bias_columns=module.bias_columns)
 
 
-def build_stamp(plan: Plan, shards: list[WrittenShard], source_fingerprint: str) -> dict:
+def build_stamp(plan: Plan, shards: list[WrittenShard], source_fingerprint: str) -> Stamp:
     """The record the runtime checks before serving: layout, source variant, modules, shard hashes."""
     source = plan.source
-    return {
-        "layout": LAYOUT_NAME,
-        "layout_version": LAYOUT_VERSION,
-        "serving_releases": serving_release_lines(),  # vllm-ascend lines the plugin of this w4a8conv serves
-        "tool_version": __version__,
-        "source": {
-            "producer": source.producer,
-            "version": source.version.value,
-            "group_size": source.group_size,
-            "group_size_from": source.group_size_from.value,
-            "model_dtype": str(source.model_dtype).removeprefix("torch.") if source.model_dtype else None,
-            "fingerprint": source_fingerprint,
-        },
-        "modules": {m.prefix: _module_record(m) for m in (*plan.moe_layers, *plan.linears)},
-        "shards": {s.file_name: {"bytes": s.nbytes, "sha256": s.sha256} for s in shards},
-    }
+    return Stamp(
+        serving_releases=tuple(serving_release_lines()),  # vllm-ascend lines the plugin of this w4a8conv serves
+        tool_version=__version__,
+        source=SourceRecord(
+            producer=source.producer, version=source.version, group_size=source.group_size,
+            group_size_from=source.group_size_from,
+            model_dtype=str(source.model_dtype).removeprefix("torch.") if source.model_dtype else None,
+            fingerprint=source_fingerprint),
+        modules={m.prefix: _module_record(m) for m in (*plan.moe_layers, *plan.linears)},
+        shards={s.file_name: ShardRecord(bytes=s.nbytes, sha256=s.sha256) for s in shards},
+    )
 
 
 _OWN_FILE = re.compile(r"^(model-\d{5}-of-\d{5}\.safetensors|\..+\.partial)$")
@@ -303,7 +298,7 @@ def convert(source: Path | str, output: Path | str, *, options: ConvertOptions |
         write_json_atomic(output / INDEX_NAME, {"metadata": {"total_size": resources.write_bytes},
                                                 "weight_map": weight_map})
         description = plan.output_description()
-        description[STAMP_KEY] = build_stamp(plan, written, fingerprint)
+        description[STAMP_KEY] = build_stamp(plan, written, fingerprint).to_json()
         write_json_atomic(output / DESCRIPTION_NAME, description)
         _remove(journal.path, "the journal of the finished run", WriteError)
         return report(written)
@@ -361,26 +356,24 @@ def _inspect_converted(path: Path) -> dict:
 
     ckpt = NpuReadyCheckpoint.open(path)
     stamp = ckpt.stamp
-    modules = stamp["modules"]
-    variants = Counter(m["variant"] for m in modules.values())
+    variants = Counter(m.variant for m in stamp.modules.values())
     return {
         "kind": "converted",
         "path": str(path),
-        "layout": f"{stamp['layout']}/{stamp['layout_version']}",
-        "tool_version": stamp["tool_version"],
-        # outputs of w4a8conv before 0.18 support recorded a version range instead
-        "serving_releases": stamp.get("serving_releases") or [stamp.get("vllm_ascend")],
-        "source": stamp["source"],
-        "variants": dict(variants),
-        "moe_layers": [{"prefix": p, "variant": m["variant"], "experts": m["num_experts"], "hidden": m["hidden"],
-                        "intermediate": m["intermediate"]} for p, m in modules.items() if m["kind"] == "moe"],
-        "linear_layers": [{"prefix": p, "variant": m["variant"], "out": m["out_features"], "in": m["in_features"]}
-                          for p, m in modules.items() if m["kind"] == "linear"],
-        "files": len(stamp["shards"]),
+        "layout": f"{stamp.layout}/{stamp.layout_version}",
+        "tool_version": stamp.tool_version,
+        "serving_releases": list(stamp.release_lines),
+        "source": stamp.source.to_json(),
+        "variants": {v.value: n for v, n in variants.items()},
+        "moe_layers": [{"prefix": p, "variant": m.variant.value, "experts": m.num_experts, "hidden": m.hidden,
+                        "intermediate": m.intermediate} for p, m in stamp.records(MoeRecord).items()],
+        "linear_layers": [{"prefix": p, "variant": m.variant.value, "out": m.out_features, "in": m.in_features}
+                          for p, m in stamp.records(LinearRecord).items()],
+        "files": len(stamp.shards),
         "tensors": len(ckpt.tensor_names),
         "tensors_converted": sum(1 for n in ckpt.tensor_names if ckpt.type_of(n) == CONVERTED_TYPE),
-        "output_bytes": sum(s["bytes"] for s in stamp["shards"].values()),
-        "warnings": [_WARNINGS[Variant(v)] for v in variants if Variant(v) in _WARNINGS],
+        "output_bytes": sum(s.bytes for s in stamp.shards.values()),
+        "warnings": [_WARNINGS[v] for v in variants if v in _WARNINGS],
     }
 
 

@@ -5,7 +5,7 @@ from enum import Enum, IntEnum
 
 __all__ = [
     "SOURCE_TYPE", "CONVERTED_TYPE", "LAYOUT_NAME", "LAYOUT_VERSION", "STAMP_KEY",
-    "DOWN_BIAS_CHUNKS", "INT4_PER_INT32", "QuantVersion", "Variant",
+    "DOWN_BIAS_CHUNKS", "INT4_PER_INT32", "QuantVersion", "Variant", "GroupSizeFrom",
     "ExitCode", "DESCRIPTION_NAME", "INDEX_NAME", "SHARD_NAME", "MAX_OPTION_VALUE",
 ]
 
@@ -47,6 +47,20 @@ class Variant(str, Enum):
     MOE_CHANNEL_V1_BIAS_TOTAL = "moe-channel-v1-bias-total"
     LINEAR_GROUP_V0 = "linear-group-v0"
     LINEAR_GROUP_V1 = "linear-group-v1"
+
+    @property
+    def kind(self) -> str:
+        """"moe" or "linear": the kind of module the variant converts (the stamp records both)."""
+        return self.value.split("-", 1)[0]
+
+
+class GroupSizeFrom(str, Enum):
+    """Where the group size came from (recorded in the stamp)."""
+
+    DESCRIPTION = "description"
+    SHAPES = "shapes"      # no group_size in the description: inferred from weight_scale_second
+    OPTION = "option"      # stated with --group-size (and checked against the shapes)
+    DEFAULT = "default"    # no group_size and no per-group tensor: vllm-ascend's 256
 
 
 class ExitCode(IntEnum):

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-__all__ = ["DTYPE_SIZES", "TORCH_DTYPES", "MAX_DIM", "torch_can_hold"]
+__all__ = ["DTYPE_SIZES", "TORCH_DTYPES", "MODEL_DTYPES", "MAX_DIM", "torch_can_hold"]
 
 DTYPE_SIZES: dict[str, int] = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
@@ -16,6 +16,10 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2, "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16,
     "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32, "I64": torch.int64,
     "U64": torch.uint64, "F64": torch.float64,
+}
+# The model dtypes a conversion takes (config.json's torch_dtype, --model-dtype) and the stamp records.
+MODEL_DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
 }
 MAX_DIM = 2**63 - 1  # torch sizes are int64: a larger dimension (even next to a zero) cannot be loaded
 

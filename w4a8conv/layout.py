@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from .constants import DOWN_BIAS_CHUNKS, INT4_PER_INT32
 
-__all__ = ["MOE_OUTPUTS", "TensorSpec", "expert_tensor_specs", "moe_tensor_specs", "linear_tensor_specs"]
+__all__ = ["MOE_OUTPUTS", "LINEAR_BIAS_NAMES", "TensorSpec", "expert_tensor_specs", "moe_tensor_specs",
+           "linear_tensor_specs"]
 
 MOE_OUTPUTS = ("weight", "weight_scale", "scale_bias")
+# vllm-ascend names a W4A8 Linear layer's bias by the source's version: "0" and "1.0.0"
+LINEAR_BIAS_NAMES = ("weight_scale_bias", "scale_bias")
 
 TensorSpec = tuple[str, tuple[int, ...]]  # (safetensors dtype, shape)
 

@@ -32,12 +32,13 @@ from pathlib import Path
 
 import torch
 
-from .constants import Variant
+from .constants import GroupSizeFrom
 from .errors import InvalidCheckpointError, UsageError
 from .plan import natural_key
 from .runtime import MoELayer, NpuReadyCheckpoint
 from .source import SourceCheckpoint, TensorReader, open_source
 from .source.checkpoint import MODEL_DTYPES
+from .stamp import LinearRecord, MoeRecord
 from .transforms.int4 import unpack_int32_to_int4
 from .transforms.linear import LINEAR_SPECS
 from .transforms.moe import MOE_SPECS
@@ -102,13 +103,13 @@ def make_inputs(hidden: int, experts: int, *, tokens: int = 64, top_k: int = 2, 
     return x, ids, weights
 
 
-def dequantized_experts(src: SourceCheckpoint, reader: TensorReader, prefix: str, record: dict,
+def dequantized_experts(src: SourceCheckpoint, reader: TensorReader, prefix: str, record: MoeRecord,
                         experts: range) -> dict[str, torch.Tensor]:
     """proj -> fp32 [len(experts), out, in] from the source: int4 values × weight_scale_second
     (per group) × weight_scale, for the MoE layer `prefix` described by its stamp `record`."""
-    spec = MOE_SPECS[Variant(record["variant"])]
+    spec = MOE_SPECS[record.variant]
     weights = {}
-    for proj in record["projections"]:
+    for proj in record.projections:
         stacked = []
         for e in experts:
             base = f"{prefix}.experts.{e}.{proj}."
@@ -200,20 +201,20 @@ def check_layer(ckpt: NpuReadyCheckpoint, src: SourceCheckpoint, reader: TensorR
     """Run one MoE layer both ways and compute its error and bound (see the module docstring).
 
     `backend` is `MoELayer`'s: "npu" runs the same check on torch_npu's kernels (`selfcheck`)."""
-    record = ckpt.stamp["modules"][prefix]
-    num_experts = record["num_experts"]
+    record = ckpt.stamp.records(MoeRecord)[prefix]
+    num_experts = record.num_experts
     ep_size = _expert_parallel_slice(num_experts, max_experts)
     ep_rank = random.Random(f"{seed}:{prefix}").randrange(ep_size)
     local = num_experts // ep_size
     start = ep_rank * local
-    x, ids, weights = make_inputs(record["hidden"], local, tokens=tokens, top_k=top_k, seed=seed, expert_start=start)
+    x, ids, weights = make_inputs(record.hidden, local, tokens=tokens, top_k=top_k, seed=seed, expert_start=start)
     ref = fp32_forward(dequantized_experts(src, reader, prefix, record, range(start, start + local)),
-                       record["projections"], x, ids, weights, expert_start=start)
+                       record.projections, x, ids, weights, expert_start=start)
     layer = MoELayer.from_checkpoint(ckpt, prefix, ep_size=ep_size, ep_rank=ep_rank, backend=backend)
     device = layer.w13_weight.device
     error = relative_error(layer(x.to(device), ids.to(device), weights.to(device)).cpu(), ref.y)
-    group = record["group_size"]
-    hidden, intermediate = record["hidden"], record["intermediate"]
+    group = record.group_size
+    hidden, intermediate = record.hidden, record.intermediate
     groups = hidden // (group or hidden) + intermediate // (group or intermediate)
     c1, c2, gamma = crest(x.to(torch.float32)), crest(ref.z), swiglu_gain(ref.a, ref.b)
     return LayerNumerics(prefix, start, local, tokens, top_k, c1, c2, gamma, groups, error,
@@ -277,9 +278,9 @@ def linear_numerics(prefix: str, converted: dict[str, torch.Tensor], source_weig
                                                                     source_weight.shape[1]))
 
 
-def dequantized_linear(src: SourceCheckpoint, reader: TensorReader, prefix: str, record: dict) -> torch.Tensor:
+def dequantized_linear(src: SourceCheckpoint, reader: TensorReader, prefix: str, record: LinearRecord) -> torch.Tensor:
     """fp32 [N, K] from the source: int4 values × weight_scale_second (per group) × weight_scale."""
-    spec = LINEAR_SPECS[Variant(record["variant"])]
+    spec = LINEAR_SPECS[record.variant]
     load = lambda suffix: reader.load(src.tensors[f"{prefix}.{suffix}"]).to(torch.float32)  # noqa: E731
     w = spec.int4_values(reader.load(src.tensors[f"{prefix}.weight"])).to(torch.float32)
     second = load("weight_scale_second")
@@ -291,24 +292,25 @@ def dequantized_linear(src: SourceCheckpoint, reader: TensorReader, prefix: str,
 def check_linear(ckpt: NpuReadyCheckpoint, src: SourceCheckpoint, reader: TensorReader, prefix: str, *,
                  tokens: int = 64, seed: int = 0) -> LinearNumerics:
     """`linear_numerics` for the converted Linear layer `prefix` and its source."""
-    record = ckpt.stamp["modules"][prefix]
-    model_dtype = MODEL_DTYPES[ckpt.stamp["source"]["model_dtype"]]
+    record = ckpt.stamp.records(LinearRecord)[prefix]
+    model_dtype = MODEL_DTYPES[ckpt.stamp.source.model_dtype]
     return linear_numerics(prefix, ckpt.linear(prefix), dequantized_linear(src, reader, prefix, record),
                            model_dtype, tokens=tokens, seed=seed)
 
 
 def source_mismatch(ckpt: NpuReadyCheckpoint, src: SourceCheckpoint) -> str | None:
     """Why `src` is not the source `ckpt` was converted from, or None."""
-    if src.fingerprint() != ckpt.stamp["source"].get("fingerprint"):
+    if src.fingerprint() != ckpt.stamp.source.fingerprint:
         return "is not the checkpoint this output was converted from (source fingerprint differs from the stamp's)"
     return None
 
 
 def open_converted_source(ckpt: NpuReadyCheckpoint, source_dir: Path | str) -> SourceCheckpoint:
     """The source opened as the conversion read it: its model dtype, and a group size given as an option."""
-    stated = ckpt.stamp["source"].get("group_size_from") == "option"  # --group-size: state it again
-    return open_source(source_dir, model_dtype=ckpt.stamp["source"].get("model_dtype"),
-                       group_size=ckpt.stamp["source"]["group_size"] if stated else None)
+    recorded = ckpt.stamp.source
+    stated = recorded.group_size_from is GroupSizeFrom.OPTION  # --group-size: state it again
+    return open_source(source_dir, model_dtype=recorded.model_dtype,
+                       group_size=recorded.group_size if stated else None)
 
 
 def open_matching_source(ckpt: NpuReadyCheckpoint, source_dir: Path | str) -> SourceCheckpoint:
@@ -338,9 +340,8 @@ def check_numerics(ckpt: NpuReadyCheckpoint, source: Path | str | SourceCheckpoi
     already opened `SourceCheckpoint` is taken as that source.
     """
     src = source if isinstance(source, SourceCheckpoint) else open_matching_source(ckpt, source)
-    modules = ckpt.stamp["modules"]
-    moe = _sampled([p for p, m in modules.items() if m["kind"] == "moe"], layers, seed)
-    linear = _sampled([p for p, m in modules.items() if m["kind"] == "linear"], layers, seed)
+    moe = _sampled(list(ckpt.stamp.records(MoeRecord)), layers, seed)
+    linear = _sampled(list(ckpt.stamp.records(LinearRecord)), layers, seed)
     with TensorReader() as reader:
         return ([check_layer(ckpt, src, reader, p, tokens=tokens, top_k=top_k, max_experts=max_experts, seed=seed)
                  for p in moe]

@@ -30,6 +30,7 @@ from .errors import UsageError
 from .numerics import check_layer
 from .runtime import NpuReadyCheckpoint, moe
 from .source import TensorReader, open_source
+from .stamp import MoeRecord
 from .synthetic import PRESETS, write_checkpoint
 from .transforms.int4 import INT4_MAX, INT4_MIN, pack_int4_to_int32
 from .transforms.scales import encode_fp32_bits_as_int64
@@ -133,7 +134,7 @@ def _check_moe_layer() -> CheckItem:
         convert(source, Path(tmp) / "converted", options=ConvertOptions(workers=1))
         ckpt = NpuReadyCheckpoint.open(Path(tmp) / "converted")
         src = open_source(source)
-        prefix = next(p for p, m in ckpt.stamp["modules"].items() if m["kind"] == "moe")
+        prefix = next(iter(ckpt.stamp.records(MoeRecord)))
         try:
             with TensorReader() as reader:
                 reference = check_layer(ckpt, src, reader, prefix, backend="reference")

@@ -24,7 +24,6 @@ from .plan import CopyBytes, TranslatedTensor, make_plan
 from .produce import check_parts
 from .runtime import NpuReadyCheckpoint
 from .source import SourceCheckpoint, TensorReader
-from .source.checkpoint import MODEL_DTYPES
 from .source.safetensors_file import TensorRef, read_header
 from .transforms import LINEAR_SPECS, MOE_SPECS, TRANSLATIONS
 from .transforms.int4 import unpack_int32_to_int4
@@ -62,14 +61,14 @@ class VerifyReport:
 def _check_integrity(ckpt: NpuReadyCheckpoint, report: VerifyReport) -> dict[str, TensorRef]:
     """Shards present, sized, hashed and consistent with the index; returns stored tensors by name."""
     stored: dict[str, TensorRef] = {}
-    for name, entry in sorted(ckpt.stamp["shards"].items()):
+    for name, entry in sorted(ckpt.stamp.shards.items()):
         path = ckpt.root / name
         if not path.is_file():
             report.problems.append(f"{path}: shard is missing")
             continue
         size = path.stat().st_size
-        if size != entry.get("bytes"):
-            report.problems.append(f"{path}: {size} bytes, the stamp records {entry.get('bytes')}")
+        if size != entry.bytes:
+            report.problems.append(f"{path}: {size} bytes, the stamp records {entry.bytes}")
             continue
         try:
             header = read_header(path)
@@ -82,8 +81,8 @@ def _check_integrity(ckpt: NpuReadyCheckpoint, report: VerifyReport) -> dict[str
         digest = sha256_file(path)
         report.bytes_hashed += size
         report.shards_checked += 1
-        if digest != entry.get("sha256"):
-            report.problems.append(f"{path}: sha256 {digest} differs from the stamp's {entry.get('sha256')}")
+        if digest != entry.sha256:
+            report.problems.append(f"{path}: sha256 {digest} differs from the stamp's {entry.sha256}")
         stored.update(header.tensors)
     weight_map = ckpt.weight_map
     for tensor, file_name in weight_map.items():
@@ -91,7 +90,7 @@ def _check_integrity(ckpt: NpuReadyCheckpoint, report: VerifyReport) -> dict[str
         if ref is not None and ref.file.name != file_name:
             report.problems.append(f"{ckpt.root / INDEX_NAME}: {tensor}: indexed in {file_name} but stored in "
                                    f"{ref.file.name}")
-        elif ref is None and (ckpt.root / file_name).is_file() and file_name in ckpt.stamp["shards"]:
+        elif ref is None and (ckpt.root / file_name).is_file() and file_name in ckpt.stamp.shards:
             report.problems.append(f"{ckpt.root / INDEX_NAME}: {tensor}: indexed in {file_name}, which does not "
                                    "hold it")
     for tensor, ref in stored.items():
@@ -99,10 +98,10 @@ def _check_integrity(ckpt: NpuReadyCheckpoint, report: VerifyReport) -> dict[str
             report.problems.append(f"{ckpt.root / INDEX_NAME}: {tensor}: stored in {ref.file.name} but not indexed")
         if tensor not in ckpt.description:
             report.problems.append(f"{ckpt.root / DESCRIPTION_NAME}: {tensor}: has no quantization type")
-    for extra in sorted(set(p.name for p in ckpt.root.glob("*.safetensors")) - set(ckpt.stamp["shards"])):
+    for extra in sorted(set(p.name for p in ckpt.root.glob("*.safetensors")) - set(ckpt.stamp.shards)):
         report.problems.append(f"{ckpt.root / extra}: shard not recorded in the stamp")
     if report.ok:
-        for prefix in ckpt.stamp["modules"]:
+        for prefix in ckpt.stamp.modules:
             problem = ckpt.module_problem(prefix)
             if problem:
                 report.problems.append(f"{ckpt.root / DESCRIPTION_NAME}: {prefix}: {problem}")
@@ -300,18 +299,13 @@ def verify(path: Path | str, *, source: Path | str | None = None, sample: int | 
         report.problems.append(str(exc))
         return report
     phase = on_phase or (lambda _text: None)
-    phase(f"hashing {len(ckpt.stamp['shards']):,} shard(s)")
+    phase(f"hashing {len(ckpt.stamp.shards):,} shard(s)")
     try:
         stored = _check_integrity(ckpt, report)
     except (W4A8Error, OSError) as exc:  # a file that changed while it was checked
         report.problems.append(str(exc) if isinstance(exc, W4A8Error) else f"{exc.filename}: {exc.strerror or exc}")
         return report
     if source is None or not report.ok:
-        return report
-    model_dtype = ckpt.stamp["source"].get("model_dtype")
-    if model_dtype is not None and (not isinstance(model_dtype, str) or model_dtype not in MODEL_DTYPES):
-        report.problems.append(f"{path / DESCRIPTION_NAME}: the stamp's source model_dtype {model_dtype!r} is not "
-                               f"one of {', '.join(MODEL_DTYPES)}")
         return report
     phase(f"reading the source {source}")
     src = open_converted_source(ckpt, source)  # an invalid source is exit 3, not a problem of the output

@@ -1,8 +1,8 @@
 """Read a converted checkpoint for one tensor/expert-parallel rank, by slicing only.
 
-Kept apart from the converter: it depends on the format constants, never on the source readers or
-transforms. Every rank's tensors come out of the TP/EP-agnostic layout by slicing and concatenation
-(`split.py`), plus a sum over the rank's share of the 16 down_proj bias chunks.
+Kept apart from the converter: it depends on the format constants, the layout and the stamp
+(`stamp.py`), never on the source readers or transforms. Every rank's tensors come out of the
+TP/EP-agnostic layout by slicing and concatenation (`split.py`), plus a sum over the rank's share of the 16 down_proj bias chunks.
 
 Shards are read with positional reads, not mapped: a mapped file that shrinks kills the process with
 SIGBUS at the next access, while a short read is a `NotConvertedError` naming the file. Each shard's
@@ -18,13 +18,14 @@ from pathlib import Path
 
 import torch
 
-from ..constants import DESCRIPTION_NAME, INDEX_NAME, LAYOUT_NAME, LAYOUT_VERSION, STAMP_KEY
+from ..constants import DESCRIPTION_NAME, INDEX_NAME
 from ..dtypes import DTYPE_SIZES, TORCH_DTYPES, torch_can_hold
 from ..errors import NotConvertedError, UsageError
 from ..layout import TensorSpec, expert_tensor_specs, linear_tensor_specs, moe_tensor_specs
+from ..stamp import LinearRecord, MoeRecord, ShardRecord, Stamp, plain_file_name
 from .split import RankSplit, expert_rank_part
 
-__all__ = ["NpuReadyCheckpoint", "RankSplit", "StoredTensor", "checked_stamp", "stamp_problem", "check_shards"]
+__all__ = ["NpuReadyCheckpoint", "RankSplit", "StoredTensor", "check_shards"]
 
 _MAX_HEADER_BYTES = 100 * 2**20
 
@@ -97,12 +98,12 @@ def _by_file(weight_map: dict[str, str]) -> dict[str, set[str]]:
     return held
 
 
-def _checked_shard(fd: int, path: Path, record: dict, weight_map: dict[str, str],
+def _checked_shard(fd: int, path: Path, record: ShardRecord, weight_map: dict[str, str],
                    held: set[str]) -> dict[str, StoredTensor]:
     """A shard's tensors, after its size and header were checked against its stamp record and the index."""
     size = os.fstat(fd).st_size
-    if size != record["bytes"]:
-        raise NotConvertedError(f"{size} bytes, the stamp records {record['bytes']}: the file changed since it "
+    if size != record.bytes:
+        raise NotConvertedError(f"{size} bytes, the stamp records {record.bytes}: the file changed since it "
                                 "was converted", file=path)
     tensors = _shard_header(fd, size, path)
     for name in tensors:
@@ -116,92 +117,35 @@ def _checked_shard(fd: int, path: Path, record: dict, weight_map: dict[str, str]
     return tensors
 
 
-def check_shards(root: Path | str, stamp: dict, weight_map: dict[str, str]) -> None:
+def check_shards(root: Path | str, stamp: Stamp, weight_map: dict[str, str]) -> None:
     """Every shard the stamp records exists with the recorded size and a header that declares exactly
     the tensors the index maps to it; `NotConvertedError` naming the first file that does not.
 
     The runtime runs this on open, the vLLM plugin before vLLM maps the shards."""
     root = Path(root)
-    for file_name in sorted(set(weight_map.values()) - set(stamp["shards"]))[:1]:
+    for file_name in sorted(set(weight_map.values()) - set(stamp.shards))[:1]:
         raise NotConvertedError("the index maps tensors to this file, which the stamp does not record",
                                 file=root / file_name)
     held = _by_file(weight_map)
-    for file_name in stamp["shards"]:
+    for file_name, record in stamp.shards.items():
         path = root / file_name
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
             raise NotConvertedError(f"cannot open shard ({exc.strerror or exc})", file=path) from None
         try:
-            _checked_shard(fd, path, stamp["shards"][file_name], weight_map, held.get(file_name, set()))
+            _checked_shard(fd, path, record, weight_map, held.get(file_name, set()))
         finally:
             os.close(fd)
-
-
-_MOE_RECORD = {"kind": str, "variant": str, "num_experts": int, "projections": list, "hidden": int,
-               "intermediate": int, "group_size": int}
-_LINEAR_RECORD = {"kind": str, "variant": str, "out_features": int, "in_features": int, "group_size": int,
-                  "bias": str, "bias_columns": int}
-
-
-def _plain_name(name: str) -> bool:
-    """A file name inside the directory: no separators, no parent references."""
-    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..") and "\0" not in name
-
-
-def stamp_problem(stamp: dict) -> str | None:
-    """What is wrong with a stamp's records, or None (types only; shapes are checked per module)."""
-    for key in ("modules", "shards", "source"):
-        if not isinstance(stamp.get(key), dict):
-            return f"stamp has no {key!r} record"
-    lines = stamp.get("serving_releases", [])
-    if not (isinstance(lines, list) and all(isinstance(line, str) for line in lines)):
-        return "stamp's serving_releases is not a list of vllm-ascend release lines"
-    for name, entry in stamp["shards"].items():
-        if not _plain_name(name):
-            return f"stamp names shard {name!r}, which is not a file name in this directory"
-        if not (isinstance(entry, dict) and type(entry.get("bytes")) is int and isinstance(entry.get("sha256"), str)):
-            return f"stamp's record of shard {name} needs integer bytes and a sha256 string"
-    for prefix, record in stamp["modules"].items():
-        if not isinstance(record, dict):
-            return f"stamp's record of module {prefix} is not an object"
-        fields = _MOE_RECORD if record.get("kind") == "moe" else _LINEAR_RECORD
-        for field, kind in fields.items():
-            if not isinstance(record.get(field), kind) or (kind is int and isinstance(record.get(field), bool)):
-                return f"stamp's record of module {prefix} needs {field} ({kind.__name__})"
-        if record["kind"] not in ("moe", "linear"):
-            return f"stamp's record of module {prefix} has unknown kind {record['kind']!r}"
-        if record["kind"] == "moe" and (len(record["projections"]) != 3
-                                        or not all(isinstance(p, str) for p in record["projections"])):
-            return f"stamp's record of module {prefix} needs three projection names"
-    return None
-
-
-def checked_stamp(description: object, where: Path | str) -> dict:
-    """The stamp of a converted description, or `NotConvertedError` naming `where` and the rule broken."""
-    stamp = description.get(STAMP_KEY) if isinstance(description, dict) else None
-    if not isinstance(stamp, dict):
-        raise NotConvertedError(f"no {STAMP_KEY!r} stamp: not converted by w4a8conv (run w4a8conv convert)",
-                                file=where)
-    if stamp.get("layout") != LAYOUT_NAME:
-        raise NotConvertedError(f"layout {stamp.get('layout')!r} is not {LAYOUT_NAME!r}", file=where)
-    version = stamp.get("layout_version")
-    if version != LAYOUT_VERSION:
-        raise NotConvertedError(f"layout version {version!r}; this w4a8conv serves version {LAYOUT_VERSION} "
-                                "only (convert again, or upgrade w4a8conv)", file=where)
-    problem = stamp_problem(stamp)
-    if problem:
-        raise NotConvertedError(problem, file=where)
-    return stamp
 
 
 class NpuReadyCheckpoint:
     """A converted directory, stamp checked on open. Tensors are read lazily per request."""
 
-    def __init__(self, root: Path, description: dict, weight_map: dict[str, str]):
+    def __init__(self, root: Path, description: dict, stamp: Stamp, weight_map: dict[str, str]):
         self.root = root
         self.description = description
-        self.stamp: dict = description[STAMP_KEY]
+        self.stamp = stamp
         self._weight_map = weight_map
         self._held = _by_file(weight_map)
         self._shards: dict[str, tuple[int, dict[str, StoredTensor]]] = {}  # file name -> (fd, tensors)
@@ -228,8 +172,8 @@ class NpuReadyCheckpoint:
                                     file=root) from None
         except (OSError, ValueError, RecursionError) as exc:
             raise NotConvertedError(f"unreadable ({type(exc).__name__}: {exc})"[:300], file=description_file) from None
-        stamp = checked_stamp(description, description_file)
-        if not stamp["modules"]:  # the plugin refuses it layer by layer: no layer is recorded
+        stamp = Stamp.of_description(description, file=description_file)
+        if not stamp.modules:  # the plugin refuses it layer by layer: no layer is recorded
             raise NotConvertedError("stamp records no converted module: there is nothing for the A8W4 kernels to "
                                     "serve (was the source an already converted directory, or one without "
                                     "W4A8_DYNAMIC modules?)", file=description_file)
@@ -239,15 +183,15 @@ class NpuReadyCheckpoint:
             raise NotConvertedError(f"index unreadable ({type(exc).__name__}: {exc})"[:300],
                                     file=root / INDEX_NAME) from None
         if not isinstance(weight_map, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) and _plain_name(v) for k, v in weight_map.items()):
+                isinstance(k, str) and isinstance(v, str) and plain_file_name(v) for k, v in weight_map.items()):
             raise NotConvertedError("weight_map is not a map of tensor names to shard file names in this directory",
                                     file=root / INDEX_NAME)
-        missing = sorted(set(stamp["shards"]) - {p.name for p in root.glob("*.safetensors")})
-        if missing or set(weight_map.values()) - set(stamp["shards"]):
+        missing = sorted(set(stamp.shards) - {p.name for p in root.glob("*.safetensors")})
+        if missing or set(weight_map.values()) - set(stamp.shards):
             raise NotConvertedError(f"shards named by the stamp are missing: {missing}" if missing else
                                     "index names shards the stamp does not record", file=root)
         check_shards(root, stamp, weight_map)
-        return cls(root, description, weight_map)
+        return cls(root, description, stamp, weight_map)
 
     @property
     def tensor_names(self) -> list[str]:
@@ -272,7 +216,7 @@ class NpuReadyCheckpoint:
             except OSError as exc:
                 raise NotConvertedError(f"cannot open shard ({exc.strerror or exc})", file=path) from None
             try:
-                self._shards[file_name] = fd, _checked_shard(fd, path, self.stamp["shards"][file_name],
+                self._shards[file_name] = fd, _checked_shard(fd, path, self.stamp.shards[file_name],
                                                              self._weight_map, self._held[file_name])
             except BaseException:
                 os.close(fd)
@@ -293,11 +237,11 @@ class NpuReadyCheckpoint:
         data = _pread_exact(fd, stored.nbytes, stored.offset, path, name)
         return torch.frombuffer(data, dtype=dtype).reshape(stored.shape)
 
-    def _module(self, prefix: str, kind: str) -> dict:
-        record = self.stamp["modules"].get(prefix)
-        if record is None or record.get("kind") != kind:
-            known = sorted(p for p, m in self.stamp["modules"].items() if m.get("kind") == kind)
-            raise UsageError(f"{prefix!r} is not a converted {kind} layer (known: {', '.join(known[:6]) or 'none'}"
+    def _module(self, prefix: str, kind: type[MoeRecord] | type[LinearRecord]) -> MoeRecord | LinearRecord:
+        record = self.stamp.modules.get(prefix)
+        if not isinstance(record, kind):
+            known = sorted(self.stamp.records(kind))
+            raise UsageError(f"{prefix!r} is not a converted {kind.kind} layer (known: {', '.join(known[:6]) or 'none'}"
                              f"{', ...' if len(known) > 6 else ''})")
         problem = self.module_problem(prefix)
         if problem:
@@ -306,22 +250,18 @@ class NpuReadyCheckpoint:
 
     def expected_tensors(self, prefix: str) -> dict[str, TensorSpec]:
         """Tensor name -> (dtype, shape) the stamp's record of a module implies (docs/format.md)."""
-        m = self.stamp["modules"][prefix]
-        if m["kind"] == "moe":
-            specs = moe_tensor_specs(prefix, m["projections"], m["num_experts"], m["hidden"], m["intermediate"],
-                                     m["group_size"]).values()
+        m = self.stamp.modules[prefix]
+        if isinstance(m, MoeRecord):
+            specs = moe_tensor_specs(prefix, m.projections, m.num_experts, m.hidden, m.intermediate,
+                                     m.group_size).values()
         else:
-            specs = linear_tensor_specs(prefix, m["out_features"], m["in_features"], m["group_size"], m["bias"],
-                                        m["bias_columns"]).values()
+            specs = linear_tensor_specs(prefix, m.out_features, m.in_features, m.group_size, m.bias,
+                                        m.bias_columns).values()
         return dict(specs)
 
     def module_problem(self, prefix: str) -> str | None:
         """Why the stored tensors of a module disagree with its stamp record, or None."""
-        try:
-            expected = self.expected_tensors(prefix)
-        except (ZeroDivisionError, ValueError, KeyError) as exc:
-            return f"stamp record cannot describe stored tensors ({exc})"
-        for name, (dtype, shape) in expected.items():
+        for name, (dtype, shape) in self.expected_tensors(prefix).items():
             if name not in self._weight_map:
                 return f"{name} is missing"
             stored = self.stored(name)
@@ -338,18 +278,18 @@ class NpuReadyCheckpoint:
         [E/ep, H/G or 1, 2·Ip], w2_weight_scale int64 [E/ep, Ip/G or 1, H], w13_scale_bias fp32
         [E/ep, 2·Ip], w2_scale_bias fp32 [E/ep, H] (this rank's partial sum); Ip = I/tp.
         """
-        m = self._module(prefix, "moe")
+        m = self._module(prefix, MoeRecord)
         split = RankSplit(tp_size, tp_rank, ep_size, ep_rank)
-        split.check(prefix, m["num_experts"], m["intermediate"], m["group_size"])
-        gate, up, down = m["projections"]
+        split.check(prefix, m.num_experts, m.intermediate, m.group_size)
+        gate, up, down = m.projections
 
         def rank_part(expert: int, proj: str, output: str) -> torch.Tensor:
-            name, _spec = expert_tensor_specs(prefix, expert, proj, proj == down, m["hidden"], m["intermediate"],
-                                              m["group_size"])[output]
-            return expert_rank_part(output, proj == down, self.tensor(name), intermediate=m["intermediate"],
-                                    group_size=m["group_size"], tp_size=tp_size, tp_rank=tp_rank)
+            name, _spec = expert_tensor_specs(prefix, expert, proj, proj == down, m.hidden, m.intermediate,
+                                              m.group_size)[output]
+            return expert_rank_part(output, proj == down, self.tensor(name), intermediate=m.intermediate,
+                                    group_size=m.group_size, tp_size=tp_size, tp_rank=tp_rank)
 
-        experts = split.experts(m["num_experts"])
+        experts = split.experts(m.num_experts)
         tensors = {}
         for output in ("weight", "weight_scale", "scale_bias"):
             # vLLM's w13 holds gate's columns, then up's.
@@ -363,7 +303,7 @@ class NpuReadyCheckpoint:
         """A Linear layer's final tensors under vllm-ascend's names (tensor-parallel size 1):
         weight int32 [K, N/8], weight_scale_second fp32 [K/G, N], and weight_scale_bias ("0") or
         scale_bias ("1.0.0")."""
-        self._module(prefix, "linear")
+        self._module(prefix, LinearRecord)
         head = prefix + "."
         return {name[len(head):]: self.tensor(name) for name in self._weight_map
                 if name.startswith(head) and "." not in name[len(head):]}

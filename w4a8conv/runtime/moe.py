@@ -17,6 +17,7 @@ from collections.abc import Mapping
 import torch
 
 from ..errors import UsageError
+from ..stamp import MoeRecord
 from .checkpoint import NpuReadyCheckpoint
 from .split import RankSplit
 from .reference import REFERENCE_OPS, KernelOps, moe_forward
@@ -115,7 +116,7 @@ class MoELayer(torch.nn.Module):
         if backend == "npu":
             _npu_backend_torch_npu()  # fail before reading any tensor
         tensors = ckpt.moe_layer(prefix, tp_size=tp_size, tp_rank=tp_rank, ep_size=ep_size, ep_rank=ep_rank)
-        experts = ckpt.stamp["modules"][prefix]["num_experts"]
+        experts = ckpt.stamp.records(MoeRecord)[prefix].num_experts  # moe_layer refused any other prefix
         return cls(tensors, num_experts=experts, expert_start=ep_rank * (experts // ep_size), backend=backend,
                    split=RankSplit(tp_size, tp_rank, ep_size, ep_rank), prefix=prefix)
 

@@ -48,10 +48,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..constants import CONVERTED_TYPE, DESCRIPTION_NAME, INT4_PER_INT32, QuantVersion
+from ..constants import CONVERTED_TYPE, DESCRIPTION_NAME, INT4_PER_INT32
 from ..errors import ServingError, UnsupportedSplitError
 from ..layout import linear_tensor_specs
-from .checkpoint import NpuReadyCheckpoint, checked_stamp
+from ..stamp import LinearRecord, ModuleRecord, MoeRecord, Stamp
+from .checkpoint import NpuReadyCheckpoint
 from .split import check_tp, expert_rank_part, linear_output_axis, linear_rank_part
 
 __all__ = ["register", "RELEASES", "SUPPORTED_VLLM_ASCEND", "serving_release_lines"]
@@ -210,8 +211,8 @@ def _description() -> dict:
     return config.quant_config.quant_description
 
 
-def _stamp() -> dict:
-    stamp = checked_stamp(_description(), DESCRIPTION_NAME + " (as vLLM loaded it)")
+def _stamp() -> Stamp:
+    stamp = Stamp.of_description(_description(), file=DESCRIPTION_NAME + " (as vLLM loaded it)")
     config = importlib.import_module("vllm.config").get_current_vllm_config()
     model = getattr(getattr(config, "model_config", None), "model", None)
     if isinstance(model, str) and os.path.isdir(model):
@@ -226,13 +227,13 @@ def _check_shards_on_disk(model: str) -> None:
     NpuReadyCheckpoint.open(model).close()
 
 
-def _record(stamp: dict, prefix: str, kind: str) -> tuple[str, dict]:
+def _record(stamp: Stamp, prefix: str, kind: type[MoeRecord] | type[LinearRecord]) -> tuple[str, ModuleRecord]:
     """The stamp's record of the module a layer serves; vllm-ascend drops a leading `language_model.`."""
     for candidate in (prefix, prefix.removeprefix("language_model."), "language_model." + prefix):
-        record = stamp["modules"].get(candidate)
-        if record is not None and record.get("kind") == kind:
+        record = stamp.modules.get(candidate)
+        if isinstance(record, kind):
             return candidate, record
-    raise ServingError(f"{prefix}: the checkpoint's stamp records no converted {kind} layer of that name, so "
+    raise ServingError(f"{prefix}: the checkpoint's stamp records no converted {kind.kind} layer of that name, so "
                        "its parameters cannot be checked against the stored tensors")
 
 
@@ -298,7 +299,7 @@ class _ConvertedMoE:
     def __init__(self):
         super().__init__()
         self.stamp = _stamp()
-        self.group_size = self.stamp["source"]["group_size"]
+        self.group_size = self.stamp.source.group_size
         self.is_per_channel_weight = self.group_size == 0
         if self.dynamic_eplb and not self.release.dynamic_eplb:
             raise ServingError("dynamic EPLB: this vllm-ascend release does not move W4A8 experts (its EPLB "
@@ -320,29 +321,29 @@ class _ConvertedMoE:
     def attach(self, layer: torch.nn.Module) -> None:
         """Check the layer against the stamp and give its parameters our loaders."""
         name = layer.layer_name
-        prefix, record = _record(self.stamp, name.removesuffix(".experts"), "moe")
+        prefix, record = _record(self.stamp, name.removesuffix(".experts"), MoeRecord)
         tp_size, tp_rank = layer.tp_size, layer.tp_rank
-        check_tp(prefix, record["intermediate"], record["group_size"], tp_size)
-        if layer.intermediate_size_per_partition * tp_size != record["intermediate"] \
-                or layer.hidden_size != record["hidden"] or record["group_size"] != self.group_size:
+        check_tp(prefix, record.intermediate, record.group_size, tp_size)
+        if layer.intermediate_size_per_partition * tp_size != record.intermediate \
+                or layer.hidden_size != record.hidden or record.group_size != self.group_size:
             raise ServingError(f"{name}: vLLM builds hidden {layer.hidden_size}, intermediate "
                                f"{layer.intermediate_size_per_partition} x TP {tp_size}, group {self.group_size}; "
-                               f"the checkpoint holds hidden {record['hidden']}, intermediate "
-                               f"{record['intermediate']}, group {record['group_size']}")
+                               f"the checkpoint holds hidden {record.hidden}, intermediate "
+                               f"{record.intermediate}, group {record.group_size}")
         if self.tp_size != tp_size:
             raise UnsupportedSplitError(
                 f"{name}: vLLM splits the experts over {tp_size} MoE tensor-parallel ranks, while this "
                 f"vllm-ascend release shares the 16 down_proj bias chunks over its {self.release.bias_chunks_over} "
                 f"({self.tp_size} ranks), so its own loading leaves part of that bias unwritten; serve with "
                 "expert parallelism, or without data parallelism")
-        local_of = _local_experts(layer, record["num_experts"], name)
+        local_of = _local_experts(layer, record.num_experts, name)
         loads = _Loads(name)
         for param, (output, shards) in _MOE_PARAMS.items():
             loads.expect(param, len(local_of), len(shards))
             getattr(layer, param).weight_loader = _expert_loader(
                 layer_name=name, param=param, output=output, shards=shards, local_of=local_of, loads=loads,
-                cut=functools.partial(expert_rank_part, intermediate=record["intermediate"],
-                                      group_size=record["group_size"], tp_size=tp_size, tp_rank=tp_rank))
+                cut=functools.partial(expert_rank_part, intermediate=record.intermediate,
+                                      group_size=record.group_size, tp_size=tp_size, tp_rank=tp_rank))
         layer.w4a8conv_loads = loads
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
@@ -413,9 +414,8 @@ class _ConvertedLinear:
     def __init__(self):
         super().__init__()
         self.stamp = _stamp()
-        self.group_size = self.stamp["source"]["group_size"]
-        self.bias_name = "scale_bias" if self.stamp["source"]["version"] == QuantVersion.V1.value \
-            else "weight_scale_bias"
+        self.group_size = self.stamp.source.group_size
+        self.bias_name = self.stamp.linear_bias_name  # None: no Linear layer converted (refused if vLLM builds one)
 
     def get_weight(self, input_size, output_size, params_dtype):
         return {"weight": torch.empty(input_size, output_size // INT4_PER_INT32, dtype=torch.int32)}
@@ -429,6 +429,9 @@ class _ConvertedLinear:
         return {}
 
     def get_pergroup_param(self, input_size, output_size, params_dtype, layer_type=None):
+        if self.bias_name is None:
+            raise ServingError(f"the checkpoint's stamp records no converted linear layer, while vLLM builds a "
+                               f"{CONVERTED_TYPE} Linear layer")
         columns = 16 if layer_type == "row" and self.bias_name == "scale_bias" else 1
         specs = linear_tensor_specs("", output_size, input_size, self.group_size, self.bias_name, columns)
         return {param: torch.empty(shape, dtype=torch.float32)
@@ -436,9 +439,9 @@ class _ConvertedLinear:
 
     def attach(self, layer: torch.nn.Module) -> None:
         name = layer.prefix
-        records = [_record(self.stamp, shard, "linear")[1] for shard in _shards(layer, name)]
-        sizes = [r["out_features"] for r in records]
-        inputs = {r["in_features"] for r in records}
+        records = [_record(self.stamp, shard, LinearRecord)[1] for shard in _shards(layer, name)]
+        sizes = [r.out_features for r in records]
+        inputs = {r.in_features for r in records}
         if list(getattr(layer, "output_sizes", sizes)) != sizes or inputs != {layer.input_size}:
             raise ServingError(f"{name}: vLLM builds outputs {list(layer.output_sizes)} x input "
                                f"{layer.input_size}; the checkpoint holds {sizes} x {sorted(inputs)}")

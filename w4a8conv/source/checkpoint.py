@@ -12,12 +12,12 @@ import hashlib
 import os
 import stat
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 
 import torch
 
-from ..constants import SOURCE_TYPE, QuantVersion
+from ..constants import SOURCE_TYPE, GroupSizeFrom, QuantVersion
+from ..dtypes import MODEL_DTYPES
 from ..errors import InvalidCheckpointError, UsageError
 from .safetensors_file import SafetensorsHeader, TensorRef, parse_json, read_header
 
@@ -27,9 +27,6 @@ __all__ = ["SourceCheckpoint", "GroupSizeFrom", "open_source", "read_json", "rea
 MSMODELSLIM = "msmodelslim"
 
 DEFAULT_GROUP_SIZE = 256  # vllm-ascend's default when the description has no group_size
-MODEL_DTYPES: dict[str, torch.dtype] = {
-    "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
-}
 # The short names users type (as vLLM's --dtype and torch do); config.json must use the full ones.
 MODEL_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
                        "float": "float32"}
@@ -48,15 +45,6 @@ def read_json(file: Path) -> tuple[bytes, object]:
     except OSError as exc:
         raise InvalidCheckpointError(f"cannot read: {exc.strerror or exc}", file=file) from None
     return raw, parse_json(raw, file)
-
-
-class GroupSizeFrom(str, Enum):
-    """Where the group size came from (recorded in the stamp)."""
-
-    DESCRIPTION = "description"
-    SHAPES = "shapes"      # no group_size in the description: inferred from weight_scale_second
-    OPTION = "option"      # stated with --group-size (and checked against the shapes)
-    DEFAULT = "default"    # no group_size and no per-group tensor: vllm-ascend's 256
 
 
 @dataclass(frozen=True)
