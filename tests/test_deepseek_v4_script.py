@@ -19,6 +19,7 @@ from cases import EP_SIZES, TP_SIZES, split_allowed
 from robustness_support import assert_clean_failure, assert_nothing_complete, rewrite_tensors, run_main
 from test_vllm_ascend_equivalence import MoeWhere, assert_bias_close, assert_ints_equal
 from w4a8conv.api import ConvertOptions, convert
+from w4a8conv.constants import DOWN_BIAS_CHUNKS
 from w4a8conv.runtime import NpuReadyCheckpoint
 from w4a8conv.synthetic import DEEPSEEK_V4_SCRIPT, write_checkpoint
 from w4a8conv.verify import verify
@@ -39,9 +40,9 @@ def _int4_pairs(packed: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_sums(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """float64 8·Σ q·s over 16 contiguous input chunks: [out, 16]."""
+    """float64 8·Σ q·s over the 16 contiguous input chunks: [out, 16]."""
     values = _int4_pairs(weight).double() * scale.double()
-    return 8 * values.reshape(values.shape[0], 16, -1).sum(dim=2)
+    return 8 * values.reshape(values.shape[0], DOWN_BIAS_CHUNKS, -1).sum(dim=2)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,7 @@ def test_converts_keeping_the_source_names(script_converted):
     assert {m.variant for m in modules.values()} == {"moe-channel-v1-bias-total"}
     assert {tuple(m.projections) for m in modules.values()} == {("w1", "w3", "w2")}
     assert "mtp.0.ffn.experts.3.w2.scale_bias" in ck.tensor_names
-    assert ck.tensor("mtp.0.ffn.experts.3.w2.scale_bias").shape == (DEEPSEEK_V4_SCRIPT.hidden, 16)
+    assert ck.tensor("mtp.0.ffn.experts.3.w2.scale_bias").shape == (DEEPSEEK_V4_SCRIPT.hidden, DOWN_BIAS_CHUNKS)
 
 
 @pytest.mark.parametrize("prefix", BLOCKS)

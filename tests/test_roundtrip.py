@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from w4a8conv.api import ConvertOptions, convert
+from w4a8conv.constants import DOWN_BIAS_CHUNKS
 from w4a8conv.runtime import NpuReadyCheckpoint
 from w4a8conv.source import open_source
 from w4a8conv.synthetic import PRESETS
@@ -178,7 +179,7 @@ def test_moe_layers_round_trip(converted, name):
                 assert weight.dtype == torch.int32 and weight.shape == (in_dim, out_dim // 8)
                 assert scale.dtype == torch.int64 and scale.shape == (in_dim // g if g else 1, out_dim)
                 assert bias.dtype == torch.float32
-                assert bias.shape == ((out_dim, 16) if is_down else (out_dim,))
+                assert bias.shape == ((out_dim, DOWN_BIAS_CHUNKS) if is_down else (out_dim,))
                 values = src.values(base + "weight")
                 assert values.shape == (out_dim, in_dim)
                 assert torch.equal(unpack_int32_to_int4(weight), values.t()), f"{base}weight"
@@ -190,7 +191,7 @@ def test_moe_layers_round_trip(converted, name):
                     stored = src.tensors[base + "scale_bias"]
                     assert torch.equal(bias, stored if is_down else stored.reshape(-1)), f"{base}scale_bias"
                 else:
-                    assert_bias_close(bias.numpy(), values, s1, s2, 16 if is_down else 1, base + "scale_bias")
+                    assert_bias_close(bias.numpy(), values, s1, s2, DOWN_BIAS_CHUNKS if is_down else 1, base + "scale_bias")
 
 
 @pytest.mark.parametrize("name", LINEAR_PRESETS)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from w4a8conv.constants import ExitCode
+from w4a8conv.constants import DOWN_BIAS_CHUNKS, ExitCode
 from w4a8conv.errors import InvalidCheckpointError, NotConvertedError, UnsupportedSplitError, UsageError
 from w4a8conv.runtime import NpuReadyCheckpoint
 from w4a8conv.synthetic import PRESETS
@@ -211,7 +211,7 @@ def test_moe_layer_shapes_and_slices(converted, preset, split):
     assert torch.equal(got["w2_weight_scale"], full[f"{down}.weight_scale"][ex, rows, :])
     assert torch.equal(got["w13_scale_bias"], torch.cat([full[f"{gate}.scale_bias"][ex, cols],
                                                          full[f"{up}.scale_bias"][ex, cols]], dim=-1))
-    per = 16 // tp
+    per = DOWN_BIAS_CHUNKS // tp
     expected_w2_bias = full[f"{down}.scale_bias"][ex, :, t * per:(t + 1) * per].to(torch.float64).sum(dim=-1)
     torch.testing.assert_close(got["w2_scale_bias"].to(torch.float64), expected_w2_bias, rtol=1e-6, atol=1e-6)
 
@@ -284,7 +284,7 @@ def test_linear_returns_vllm_ascend_names_and_shapes(converted, preset, bias_nam
         bias = got[bias_name]
         assert bias.dtype == torch.float32
         row_parallel_v1 = preset == "linear-v1" and prefix.endswith("down_proj")
-        assert tuple(bias.shape) == ((n, 16) if row_parallel_v1 else (n,))
+        assert tuple(bias.shape) == ((n, DOWN_BIAS_CHUNKS) if row_parallel_v1 else (n,))
         assert torch.equal(got["weight"], ck.tensor(prefix + ".weight"))
 
 

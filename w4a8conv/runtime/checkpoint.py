@@ -21,7 +21,7 @@ import torch
 from ..constants import DESCRIPTION_NAME, INDEX_NAME
 from ..dtypes import DTYPE_SIZES, TORCH_DTYPES, torch_can_hold
 from ..errors import NotConvertedError, UsageError
-from ..layout import TensorSpec, expert_tensor_specs, linear_tensor_specs, moe_tensor_specs
+from ..layout import MOE_OUTPUTS, MOE_PARAMS, TensorSpec, expert_tensor_specs, linear_tensor_specs, moe_tensor_specs
 from ..stamp import LinearRecord, MoeRecord, ShardRecord, Stamp, plain_file_name
 from .split import RankSplit, expert_rank_part
 
@@ -272,12 +272,9 @@ class NpuReadyCheckpoint:
 
     def moe_layer(self, prefix: str, tp_size: int = 1, tp_rank: int = 0, ep_size: int = 1,
                   ep_rank: int = 0) -> dict[str, torch.Tensor]:
-        """One rank's MoE tensors, as vllm-ascend 0.11 holds them after `process_weights_after_loading`.
-
-        w13_weight int32 [E/ep, H, 2·Ip/8], w2_weight int32 [E/ep, Ip, H/8], w13_weight_scale int64
-        [E/ep, H/G or 1, 2·Ip], w2_weight_scale int64 [E/ep, Ip/G or 1, H], w13_scale_bias fp32
-        [E/ep, 2·Ip], w2_scale_bias fp32 [E/ep, H] (this rank's partial sum); Ip = I/tp.
-        """
+        """One rank's MoE tensors, as vllm-ascend 0.11 holds them after `process_weights_after_loading`:
+        `layout.moe_param_specs(E/ep, H, I/tp, G)` (w13_weight int32 [E/ep, H, 2·Ip/8], ...; w2_scale_bias
+        is this rank's partial sum of the down_proj bias chunks)."""
         m = self._module(prefix, MoeRecord)
         split = RankSplit(tp_size, tp_rank, ep_size, ep_rank)
         split.check(prefix, m.num_experts, m.intermediate, m.group_size)
@@ -290,14 +287,11 @@ class NpuReadyCheckpoint:
                                     group_size=m.group_size, tp_size=tp_size, tp_rank=tp_rank)
 
         experts = split.experts(m.num_experts)
-        tensors = {}
-        for output in ("weight", "weight_scale", "scale_bias"):
-            # vLLM's w13 holds gate's columns, then up's.
-            tensors[f"w13_{output}"] = torch.stack([torch.cat([rank_part(e, gate, output), rank_part(e, up, output)],
-                                                              dim=-1) for e in experts])
-            tensors[f"w2_{output}"] = torch.stack([rank_part(e, down, output) for e in experts])
-        return {key: tensors[key] for key in ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale",
-                                              "w13_scale_bias", "w2_scale_bias")}
+        parts = {(output, down_proj): [torch.cat([rank_part(e, gate, output), rank_part(e, up, output)], dim=-1)
+                                       if not down_proj else rank_part(e, down, output) for e in experts]
+                 for output in MOE_OUTPUTS for down_proj in (False, True)}
+        # vLLM's w13 holds gate's columns, then up's; w2 the down projection's.
+        return {name: torch.stack(parts[param.output, param.down]) for name, param in MOE_PARAMS.items()}
 
     def linear(self, prefix: str) -> dict[str, torch.Tensor]:
         """A Linear layer's final tensors under vllm-ascend's names (tensor-parallel size 1):

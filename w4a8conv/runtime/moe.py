@@ -17,6 +17,7 @@ from collections.abc import Mapping
 import torch
 
 from ..errors import UsageError
+from ..layout import MOE_PARAMS
 from ..stamp import MoeRecord
 from .checkpoint import NpuReadyCheckpoint
 from .split import RankSplit
@@ -25,7 +26,7 @@ from .reference import REFERENCE_OPS, KernelOps, moe_forward
 __all__ = ["MoELayer", "BACKENDS", "TENSOR_NAMES", "load_torch_npu"]
 
 BACKENDS = ("reference", "npu")
-TENSOR_NAMES = ("w13_weight", "w13_weight_scale", "w13_scale_bias", "w2_weight", "w2_weight_scale", "w2_scale_bias")
+TENSOR_NAMES = tuple(MOE_PARAMS)
 ACL_FORMAT_FRACTAL_NZ = 29
 NPU_DEVICE = "npu"  # where the "npu" backend puts its tensors (tests substitute a stub torch_npu on "cpu")
 

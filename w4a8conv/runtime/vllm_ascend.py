@@ -48,9 +48,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..constants import CONVERTED_TYPE, DESCRIPTION_NAME, INT4_PER_INT32
+from ..constants import CONVERTED_TYPE, DESCRIPTION_NAME, DOWN_BIAS_CHUNKS, INT4_PER_INT32
+from ..dtypes import TORCH_DTYPES
 from ..errors import ServingError, UnsupportedSplitError
-from ..layout import linear_tensor_specs
+from ..layout import MOE_PARAMS, linear_tensor_specs, moe_param_specs
 from ..stamp import LinearRecord, ModuleRecord, MoeRecord, Stamp
 from .checkpoint import NpuReadyCheckpoint
 from .split import check_tp, expert_rank_part, linear_output_axis, linear_rank_part
@@ -270,11 +271,8 @@ def _copy(dest: torch.Tensor, part: torch.Tensor, what: str) -> None:
 # MoE experts
 
 
-_MOE_PARAMS = {  # parameter -> (output of a stored expert tensor, shards: w1/w3 halves or w2)
-    "w13_weight": ("weight", ("w1", "w3")), "w13_weight_scale": ("weight_scale", ("w1", "w3")),
-    "w13_scale_bias": ("scale_bias", ("w1", "w3")), "w2_weight": ("weight", ("w2",)),
-    "w2_weight_scale": ("weight_scale", ("w2",)), "w2_scale_bias": ("scale_bias", ("w2",)),
-}
+_WEIGHTS = ("w13_weight", "w2_weight")  # what the release casts to FRACTAL_NZ
+_SHARD_NAMES = {False: ("w1", "w3"), True: ("w2",)}  # vLLM's expert shard ids: w13's halves, or w2
 
 
 def _nz_cast(release: Release, weight: torch.Tensor) -> torch.Tensor:
@@ -305,18 +303,19 @@ class _ConvertedMoE:
             raise ServingError("dynamic EPLB: this vllm-ascend release does not move W4A8 experts (its EPLB "
                                "refuses W4A8); serve with dynamic EPLB off")
 
+    def _params(self, num_experts, intermediate_size_per_partition, hidden_sizes, weights: bool):
+        specs = moe_param_specs(int(num_experts), hidden_sizes, intermediate_size_per_partition, self.group_size)
+        if not self.group_size and self.release.squeezed_channel_scale:
+            dtype, (e, _one, columns) = specs["w13_weight_scale"]
+            specs["w13_weight_scale"] = dtype, (e, columns)
+        return {name: torch.empty(shape, dtype=TORCH_DTYPES[dtype]) for name, (dtype, shape) in specs.items()
+                if (name in _WEIGHTS) == weights}
+
     def get_weight(self, num_experts, intermediate_size_per_partition, hidden_sizes, params_dtype):
-        e, ip, h = int(num_experts), intermediate_size_per_partition, hidden_sizes
-        return {"w13_weight": torch.empty(e, h, 2 * ip // INT4_PER_INT32, dtype=torch.int32),
-                "w2_weight": torch.empty(e, ip, h // INT4_PER_INT32, dtype=torch.int32)}
+        return self._params(num_experts, intermediate_size_per_partition, hidden_sizes, weights=True)
 
     def get_dynamic_quant_param(self, num_experts, intermediate_size_per_partition, hidden_sizes, params_dtype):
-        e, ip, h, g = int(num_experts), intermediate_size_per_partition, hidden_sizes, self.group_size
-        w13_scale = (e, h // g, 2 * ip) if g else (e, 2 * ip) if self.release.squeezed_channel_scale else (e, 1, 2 * ip)
-        return {"w13_weight_scale": torch.empty(w13_scale, dtype=torch.int64),
-                "w2_weight_scale": torch.empty(e, ip // g if g else 1, h, dtype=torch.int64),
-                "w13_scale_bias": torch.empty(e, 2 * ip, dtype=torch.float32),
-                "w2_scale_bias": torch.empty(e, h, dtype=torch.float32)}
+        return self._params(num_experts, intermediate_size_per_partition, hidden_sizes, weights=False)
 
     def attach(self, layer: torch.nn.Module) -> None:
         """Check the layer against the stamp and give its parameters our loaders."""
@@ -333,15 +332,16 @@ class _ConvertedMoE:
         if self.tp_size != tp_size:
             raise UnsupportedSplitError(
                 f"{name}: vLLM splits the experts over {tp_size} MoE tensor-parallel ranks, while this "
-                f"vllm-ascend release shares the 16 down_proj bias chunks over its {self.release.bias_chunks_over} "
-                f"({self.tp_size} ranks), so its own loading leaves part of that bias unwritten; serve with "
+                f"vllm-ascend release shares the {DOWN_BIAS_CHUNKS} down_proj bias chunks over its "
+                f"{self.release.bias_chunks_over} ({self.tp_size} ranks), so its own loading leaves part of that bias unwritten; serve with "
                 "expert parallelism, or without data parallelism")
         local_of = _local_experts(layer, record.num_experts, name)
         loads = _Loads(name)
-        for param, (output, shards) in _MOE_PARAMS.items():
+        for param, spec in MOE_PARAMS.items():
+            shards = _SHARD_NAMES[spec.down]
             loads.expect(param, len(local_of), len(shards))
             getattr(layer, param).weight_loader = _expert_loader(
-                layer_name=name, param=param, output=output, shards=shards, local_of=local_of, loads=loads,
+                layer_name=name, param=param, output=spec.output, shards=shards, local_of=local_of, loads=loads,
                 cut=functools.partial(expert_rank_part, intermediate=record.intermediate,
                                       group_size=record.group_size, tp_size=tp_size, tp_rank=tp_rank))
         layer.w4a8conv_loads = loads
@@ -350,14 +350,14 @@ class _ConvertedMoE:
         layer.w4a8conv_loads.check()
         del layer.w4a8conv_loads
         weights = {param: _nz_cast_int8(self.release, getattr(layer, param).data.view(torch.int8))
-                   for param in ("w13_weight", "w2_weight")}
+                   for param in _WEIGHTS}
         if not self.dynamic_eplb:
             for param, weight in weights.items():
                 getattr(layer, param).data = weight.view(torch.int32)
             return
         # As the release does for dynamic EPLB: per-expert copies (the weights as NZ-cast int8, which its
         # `apply` views as int32) replace the parameters, for EPLB to move experts between ranks.
-        for param in _MOE_PARAMS:
+        for param in MOE_PARAMS:
             tensor = weights.get(param, getattr(layer, param).data)
             setattr(layer, f"{param}_list", [expert.clone() for expert in tensor.unbind(dim=0)])
             delattr(layer, param)
@@ -432,7 +432,8 @@ class _ConvertedLinear:
         if self.bias_name is None:
             raise ServingError(f"the checkpoint's stamp records no converted linear layer, while vLLM builds a "
                                f"{CONVERTED_TYPE} Linear layer")
-        columns = 16 if layer_type == "row" and self.bias_name == "scale_bias" else 1
+        # vllm-ascend keeps a row-parallel "1.0.0" layer's bias chunks (the partial sums over its input)
+        columns = DOWN_BIAS_CHUNKS if layer_type == "row" and self.bias_name == "scale_bias" else 1
         specs = linear_tensor_specs("", output_size, input_size, self.group_size, self.bias_name, columns)
         return {param: torch.empty(shape, dtype=torch.float32)
                 for param, (_name, (_dtype, shape)) in specs.items() if param != "weight"}
