@@ -339,6 +339,25 @@ def test_a_description_the_plugin_cannot_trust_is_refused(wheels, converted, edi
         load_moe(out, {}, desc=desc)
 
 
+@pytest.mark.parametrize("layer_type", ["merged", "row"])
+def test_a_linear_layer_the_stamp_has_no_linear_record_for_is_refused(wheels, converted, layer_type):
+    """The Linear scheme takes its bias name from the stamp's Linear records; with none, vLLM building a
+    converted Linear layer is refused as it creates the parameters, not served with a guessed name."""
+    _src, out = converted("linear-v1")
+    mlps, layers_of = dense_mlps(out)
+    inter, hidden = layers_of(mlps[0])
+    desc = copy.deepcopy(description(out))
+    modules = desc["w4a8conv"]["modules"]
+    for prefix in [p for p, m in modules.items() if m["kind"] == "linear"]:
+        del modules[prefix]
+    name, shape = ((f"{mlps[0]}.gate_up_proj", (hidden, [inter, inter])) if layer_type == "merged"
+                   else (f"{mlps[0]}.down_proj", (inter, [hidden])))
+    with serving.ServingEnv(desc, model_type=model_type(out), release=serving.DEFAULT_RELEASE) as env:
+        plugin.register()
+        with pytest.raises(ServingError, match="stamp records no converted linear layer, while vLLM builds a "):
+            env.linear_layer(name, layer_type, *shape)
+
+
 def test_layer_shapes_that_disagree_with_the_stamp_are_refused(wheels, converted):
     _src, out = converted("moe-group-v1")
     with pytest.raises(ServingError, match="vLLM builds hidden 256, intermediate 64 x TP 1"):
