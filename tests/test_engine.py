@@ -182,14 +182,14 @@ def test_invalid_weight_found_mid_run_leaves_nothing(preset_source, tmp_path):
 
 @pytest.mark.parametrize("preset", ["moe-group-v0", "moe-channel-v0", "linear-v0", "linear-v1", "mixed-v1"])
 def test_workers_receive_every_source_tensor_their_shard_reads(preset_source, preset):
-    """A worker is sent only `source_names(t)` of its shard's tensors; producing from that subset must
+    """A worker is sent only the recipes' `sources()` of its shard's tensors; producing from that subset must
     give the same bytes as producing from the whole source."""
     from w4a8conv.plan import make_plan
-    from w4a8conv.produce import produce, source_names
+    from w4a8conv.produce import produce
     from w4a8conv.source import TensorReader, open_source
 
     src = open_source(preset_source(preset))
     with TensorReader() as reader:
         for tensor in make_plan(src).tensors:
-            subset = {n: src.tensors[n] for n in source_names(tensor)}
+            subset = {n: src.tensors[n] for n in tensor.recipe.sources().values()}
             assert b"".join(produce(tensor, reader, subset)) == b"".join(produce(tensor, reader, src.tensors))

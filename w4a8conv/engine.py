@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .errors import OutputLocationError, WriteError
-from .produce import produce, source_names
+from .produce import produce
 from .source.reader import TensorReader
 from .source.safetensors_file import TensorRef
 from .writer import ShardPlan, WrittenShard, partial_name, write_json_atomic, write_shard
@@ -228,7 +228,7 @@ def _run_in_workers(output: Path, todo: list[ShardPlan], metadata: dict[str, str
     # Each task carries only the source references its shard reads: the whole map of a 600 GB model
     # is ~300k references (~35 MB pickled), too much to send to every worker.
     running = {pool.submit(_worker_shard, output, shard, metadata,
-                           {n: tensors[n] for t in shard.tensors for n in source_names(t)}): shard
+                           {n: tensors[n] for t in shard.tensors for n in t.recipe.sources().values()}): shard
                for shard in todo}
     try:
         pending = set(running)

@@ -20,7 +20,7 @@ from .transforms import LINEAR_SPECS, MOE_SPECS, TRANSLATIONS
 
 __all__ = [
     "PROJECTION_NAMES", "MoeLayer", "LinearModule", "CopyBytes", "ExpertTensor", "LinearTensor", "TranslatedTensor",
-    "OutputTensor", "Plan", "make_plan", "natural_key", "MOE_OUTPUTS",
+    "Recipe", "OutputTensor", "Plan", "make_plan", "natural_key", "MOE_OUTPUTS",
 ]
 
 # Expert projection names per model family: (gate, up, down).
@@ -109,6 +109,11 @@ class CopyBytes:
     """A tensor that is not W4A8_DYNAMIC: copied byte for byte."""
 
     ref: TensorRef
+    description_type = None  # keeps the source description's entry
+
+    def sources(self) -> dict[str, str]:
+        """The one source tensor it copies (keyed by its own name: no transform reads it by part)."""
+        return {self.ref.name: self.ref.name}
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,12 @@ class ExpertTensor:
     expert: int
     proj: str
     output: str  # one of MOE_OUTPUTS
+    description_type = CONVERTED_TYPE
+
+    def sources(self) -> dict[str, str]:
+        """The source tensors the transform reads, by the suffix it `needs` them as."""
+        needs = MOE_SPECS[self.layer.variant].outputs[self.output].needs
+        return {s: self.layer.source_name(self.expert, self.proj, s) for s in needs}
 
 
 @dataclass(frozen=True)
@@ -128,6 +139,11 @@ class LinearTensor:
     module: LinearModule
     output: str  # a key of LINEAR_SPECS[variant].outputs
     model_dtype: str
+    description_type = CONVERTED_TYPE
+
+    def sources(self) -> dict[str, str]:
+        """The source tensors the transform reads, by the suffix it `needs` them as."""
+        return {s: self.module.source_name(s) for s in LINEAR_SPECS[self.module.variant].outputs[self.output].needs}
 
 
 @dataclass(frozen=True)
@@ -138,10 +154,18 @@ class TranslatedTensor:
     translation: str  # a key of TRANSLATIONS, also the tensor's type in the output description
     output: str       # a key of TRANSLATIONS[translation]
 
-    def source_name(self) -> str:
-        return f"{self.module}.{TRANSLATIONS[self.translation][self.output].needs}"
+    @property
+    def description_type(self) -> str:
+        return self.translation
+
+    def sources(self) -> dict[str, str]:
+        """The one source tensor it re-expresses, by the suffix the translation `needs`."""
+        needs = TRANSLATIONS[self.translation][self.output].needs
+        return {needs: f"{self.module}.{needs}"}
 
 
+# Every recipe names the source tensors it reads (`sources()`) and the type its output gets in the
+# description (`description_type`, None to keep the source's); `produce.RECIPES` carries each one out.
 Recipe = CopyBytes | ExpertTensor | LinearTensor | TranslatedTensor
 
 
@@ -174,10 +198,8 @@ class Plan:
         out = {k: v for k, v in self.source.description.items() if k not in self.consumed}
         # vllm-ascend resolves an MoE layer's scheme from the "<prefix>.experts..." keys.
         for t in self.tensors:
-            if isinstance(t.recipe, TranslatedTensor):
-                out[t.name] = t.recipe.translation
-            elif not isinstance(t.recipe, CopyBytes):
-                out[t.name] = CONVERTED_TYPE
+            if t.recipe.description_type is not None:
+                out[t.name] = t.recipe.description_type
         return dict(sorted(out.items(), key=lambda kv: natural_key(kv[0])))
 
 
@@ -401,9 +423,9 @@ def make_plan(source: SourceCheckpoint) -> Plan:
     for module, translation in sorted(source.translated.items()):
         for output, spec in TRANSLATIONS[translation].items():
             recipe = TranslatedTensor(module, translation, output)
-            outputs.append(OutputTensor(f"{module}.{output}", spec.dtype, source.tensors[recipe.source_name()].shape,
-                                        recipe))
-            consumed.add(recipe.source_name())
+            (name,) = recipe.sources().values()
+            outputs.append(OutputTensor(f"{module}.{output}", spec.dtype, source.tensors[name].shape, recipe))
+            consumed.add(name)
 
     for name, ref in source.tensors.items():
         if name in consumed:

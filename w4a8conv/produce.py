@@ -7,13 +7,14 @@ it (the int4 range of version "0" weights, and the small tensors again).
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
 
 from .constants import DOWN_BIAS_CHUNKS
 from .errors import InvalidCheckpointError
-from .plan import CopyBytes, ExpertTensor, LinearTensor, OutputTensor, Plan, TranslatedTensor
+from .plan import CopyBytes, ExpertTensor, LinearTensor, OutputTensor, Plan, Recipe, TranslatedTensor
 from .source.checkpoint import MODEL_DTYPES
 from .source.reader import TensorReader
 from .source.safetensors_file import TORCH_DTYPES, TensorRef
@@ -22,7 +23,8 @@ from .transforms.rules import (bias_total_violation, finite_violation, fp16_over
                                scale_violation, zero_violation)
 from .transforms.scales import fuse_group_scales_fp16, round_to_dtype
 
-__all__ = ["produce", "source_names", "check_small_tensors", "check_parts", "COPY_CHUNK_BYTES"]
+__all__ = ["produce", "memory_bytes", "RECIPES", "RecipeRun", "check_small_tensors", "check_parts",
+           "COPY_CHUNK_BYTES"]
 
 COPY_CHUNK_BYTES = 64 * 2**20
 
@@ -86,11 +88,10 @@ def _expert(tensor: OutputTensor, recipe: ExpertTensor, reader: TensorReader,
             tensors: Mapping[str, TensorRef]) -> Iterator[memoryview]:
     layer = recipe.layer
     spec = MOE_SPECS[layer.variant]
-    output = spec.outputs[recipe.output]
     is_down = recipe.proj == layer.projections[2]
-    names = {s: layer.source_name(recipe.expert, recipe.proj, s) for s in output.needs}
+    names = recipe.sources()
     parts = _load_checked(reader, tensors, names, packed_pairs=spec.packed_pairs)
-    piece = output.make(parts, DOWN_BIAS_CHUNKS if is_down else 1)
+    piece = spec.outputs[recipe.output].make(parts, DOWN_BIAS_CHUNKS if is_down else 1)
     if recipe.output == "scale_bias" and is_down and spec.down_bias_total:
         problem = bias_total_violation(piece, parts["scale_bias"])
         if problem:
@@ -104,40 +105,75 @@ def _expert(tensor: OutputTensor, recipe: ExpertTensor, reader: TensorReader,
 def _linear(tensor: OutputTensor, recipe: LinearTensor, reader: TensorReader,
             tensors: Mapping[str, TensorRef]) -> Iterator[memoryview]:
     spec = LINEAR_SPECS[recipe.module.variant]
-    output = spec.outputs[recipe.output]
-    names = {s: recipe.module.source_name(s) for s in output.needs}
     dtype = MODEL_DTYPES[recipe.model_dtype]
-    piece = output.make(_load_checked(reader, tensors, names, packed_pairs=spec.packed_pairs, model_dtype=dtype),
-                        dtype)
-    yield _as_bytes(piece, tensor, tensor.shape)
+    parts = _load_checked(reader, tensors, recipe.sources(), packed_pairs=spec.packed_pairs, model_dtype=dtype)
+    yield _as_bytes(spec.outputs[recipe.output].make(parts, dtype), tensor, tensor.shape)
 
 
 def _translated(tensor: OutputTensor, recipe: TranslatedTensor, reader: TensorReader,
                 tensors: Mapping[str, TensorRef]) -> Iterator[memoryview]:
-    spec = TRANSLATIONS[recipe.translation][recipe.output]
-    parts = _load_checked(reader, tensors, {spec.needs: recipe.source_name()}, packed_pairs=True)
-    yield _as_bytes(spec.make(parts), tensor, tensor.shape)
+    parts = _load_checked(reader, tensors, recipe.sources(), packed_pairs=True)
+    yield _as_bytes(TRANSLATIONS[recipe.translation][recipe.output].make(parts), tensor, tensor.shape)
 
 
-_PRODUCERS = {CopyBytes: _copy, ExpertTensor: _expert, LinearTensor: _linear, TranslatedTensor: _translated}
+# What producing one output tensor holds in memory at once, per worker (`resources` adds them up).
+# Float temporaries per weight element while computing a bias (fp32 values, product, reshape copy).
+_BIAS_BYTES_PER_ELEMENT = 12
+# int8 transposes and the packed copy per weight element while packing.
+_PACK_BYTES_PER_ELEMENT = 3
 
 
-def source_names(tensor: OutputTensor) -> list[str]:
-    """The source tensors `produce` reads for this output tensor."""
-    recipe = tensor.recipe
-    if isinstance(recipe, CopyBytes):
-        return [recipe.ref.name]
-    if isinstance(recipe, TranslatedTensor):
-        return [recipe.source_name()]
-    if isinstance(recipe, ExpertTensor):
-        needs = MOE_SPECS[recipe.layer.variant].outputs[recipe.output].needs
-        return [recipe.layer.source_name(recipe.expert, recipe.proj, s) for s in needs]
-    return [recipe.module.source_name(s) for s in LINEAR_SPECS[recipe.module.variant].outputs[recipe.output].needs]
+def _copy_memory(tensor: OutputTensor, _tensors: Mapping[str, TensorRef]) -> int:
+    return min(COPY_CHUNK_BYTES, tensor.nbytes)
+
+
+def _translated_memory(tensor: OutputTensor, tensors: Mapping[str, TensorRef]) -> int:
+    """A scale-sized tensor and its source."""
+    return tensor.nbytes + sum(tensors[n].nbytes for n in tensor.recipe.sources().values())
+
+
+def _converted_memory(tensor: OutputTensor, tensors: Mapping[str, TensorRef], out: int, inp: int) -> int:
+    """The source parts, the output piece, and the transform's temporaries over the [out, in] weight."""
+    names = tensor.recipe.sources()
+    loaded = sum(tensors[n].nbytes for n in names.values())
+    per_element = _BIAS_BYTES_PER_ELEMENT if tensor.recipe.output.endswith("bias") else _PACK_BYTES_PER_ELEMENT
+    return loaded + tensor.nbytes + (per_element * out * inp if "weight" in names else 2 * loaded)
+
+
+def _expert_memory(tensor: OutputTensor, tensors: Mapping[str, TensorRef]) -> int:
+    return _converted_memory(tensor, tensors, *tensor.recipe.layer.dims(tensor.recipe.proj))
+
+
+def _linear_memory(tensor: OutputTensor, tensors: Mapping[str, TensorRef]) -> int:
+    module = tensor.recipe.module
+    return _converted_memory(tensor, tensors, module.out_features, module.in_features)
+
+
+@dataclass(frozen=True)
+class RecipeRun:
+    """How one recipe type is carried out: its output's bytes in order, and the bytes that takes in memory."""
+
+    produce: Callable[[OutputTensor, Recipe, TensorReader, Mapping[str, TensorRef]], Iterator[memoryview]]
+    memory_bytes: Callable[[OutputTensor, Mapping[str, TensorRef]], int]
+
+
+RECIPES: dict[type, RecipeRun] = {
+    CopyBytes: RecipeRun(_copy, _copy_memory),
+    ExpertTensor: RecipeRun(_expert, _expert_memory),
+    LinearTensor: RecipeRun(_linear, _linear_memory),
+    TranslatedTensor: RecipeRun(_translated, _translated_memory),
+}
 
 
 def produce(tensor: OutputTensor, reader: TensorReader, tensors: Mapping[str, TensorRef]) -> Iterator[memoryview]:
-    """The output tensor's bytes, in order, in pieces of at most 64 MiB for copies."""
-    return _PRODUCERS[type(tensor.recipe)](tensor, tensor.recipe, reader, tensors)
+    """The output tensor's bytes, in order, in pieces of at most 64 MiB for copies; `tensors` holds at
+    least the recipe's `sources()`."""
+    return RECIPES[type(tensor.recipe)].produce(tensor, tensor.recipe, reader, tensors)
+
+
+def memory_bytes(tensor: OutputTensor, tensors: Mapping[str, TensorRef]) -> int:
+    """Bytes producing this output tensor holds at once (one expert projection's parts, or one copy chunk)."""
+    return RECIPES[type(tensor.recipe)].memory_bytes(tensor, tensors)
 
 
 def check_small_tensors(plan: Plan, reader: TensorReader) -> None:
@@ -152,9 +188,8 @@ def check_small_tensors(plan: Plan, reader: TensorReader) -> None:
                 _load_checked(reader, tensors, {s: layer.source_name(expert, proj, s) for s in suffixes},
                               packed_pairs=packed_pairs)
     for tensor in plan.tensors:
-        if isinstance(tensor.recipe, TranslatedTensor):
-            name = tensor.recipe.source_name()
-            _load_checked(reader, tensors, {name.rpartition(".")[2]: name}, packed_pairs=True)
+        if type(tensor.recipe) is TranslatedTensor:
+            _load_checked(reader, tensors, tensor.recipe.sources(), packed_pairs=True)
     for module in plan.linears:
         _load_checked(reader, tensors, {s: module.source_name(s) for s in module.source_suffixes() if s != "weight"},
                       packed_pairs=LINEAR_SPECS[module.variant].packed_pairs, model_dtype=plan.source.model_dtype)

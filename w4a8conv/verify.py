@@ -247,13 +247,12 @@ def _check_fidelity(ckpt: NpuReadyCheckpoint, src: SourceCheckpoint, stored: dic
             report.tensors_compared += 1
             ref = stored.get(tensor.name)
             translation = TRANSLATIONS[tensor.recipe.translation][tensor.recipe.output]
-            source_value = check.source_parts({translation.needs: tensor.recipe.source_name()},
-                                              packed_pairs=True)[translation.needs]
+            source_value = check.source_parts(tensor.recipe.sources(), packed_pairs=True)[translation.needs]
             if ref is None or ref.dtype != tensor.dtype or ref.shape != tensor.shape:
                 report.problems.append(f"{tensor.name}: translated tensor missing or reshaped")
             elif not torch.equal(reader.load(ref), translation.make({translation.needs: source_value})):
                 report.problems.append(f"{tensor.name}: differs from its {tensor.recipe.translation} translation of "
-                                       f"{tensor.recipe.source_name()}")
+                                       f"{', '.join(tensor.recipe.sources().values())}")
         passthrough = [t for t in plan.tensors if isinstance(t.recipe, CopyBytes)]
         if sample is not None:
             passthrough = rng.sample(passthrough, min(len(passthrough), 4 * max(sample, 1)))
