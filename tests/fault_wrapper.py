@@ -25,8 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-import w4a8conv.api as api
 import w4a8conv.engine as engine
+import w4a8conv.files as files
+import w4a8conv.journal as journal
+import w4a8conv.route as route
 import w4a8conv.writer as writer
 from w4a8conv.constants import DESCRIPTION_NAME, INDEX_NAME
 
@@ -86,13 +88,13 @@ def _patch_produce(hook) -> None:
 
 
 def _patch_json(hook) -> None:
-    original = api.write_json_atomic
+    original = route.write_json_atomic
 
     def write_json_atomic(path, obj):
         hook(Path(path).name, "before")
         original(path, obj)
         hook(Path(path).name, "after")
-    api.write_json_atomic = write_json_atomic
+    route.write_json_atomic = write_json_atomic
 
 
 if FAULT == "enospc-shard":
@@ -116,17 +118,17 @@ elif FAULT == "enospc-index":
 
     def _open(path, *args, **kwargs):
         f = builtins.open(path, *args, **kwargs)
-        return _FullFile(f) if Path(path).name == writer.partial_name(INDEX_NAME) else f
-    writer.open = _open
+        return _FullFile(f) if Path(path).name == files.partial_name(INDEX_NAME) else f
+    files.open = _open
 elif FAULT == "sigkill-before-record":
-    _record, _calls = engine.Journal.record, [0]
+    _record, _calls = journal.Journal.record, [0]
 
     def _record_then_maybe_die(self, shard):
         _calls[0] += 1
         if _calls[0] == int(ARG):
             _suicide(signal.SIGKILL)
         _record(self, shard)
-    engine.Journal.record = _record_then_maybe_die
+    journal.Journal.record = _record_then_maybe_die
 elif FAULT in ("sigkill-before-description", "sigkill-after-description"):
     _when = FAULT.split("-")[1]
     _patch_json(lambda name, when: _suicide(signal.SIGKILL) if name == DESCRIPTION_NAME and when == _when else None)

@@ -12,7 +12,7 @@ import pytest
 
 from w4a8conv.api import ConvertOptions, convert
 from w4a8conv.constants import DESCRIPTION_NAME, INDEX_NAME
-from w4a8conv.engine import JOURNAL_NAME
+from w4a8conv.journal import JOURNAL_NAME
 from w4a8conv.errors import OutputLocationError
 from w4a8conv.verify import verify
 

@@ -25,7 +25,7 @@ import torch
 
 from w4a8conv.api import ConvertOptions, convert
 from w4a8conv.constants import DESCRIPTION_NAME, INDEX_NAME, ExitCode
-from w4a8conv.engine import JOURNAL_NAME
+from w4a8conv.journal import JOURNAL_NAME
 from w4a8conv.errors import NotConvertedError, UnsupportedSplitError, W4A8Error
 from w4a8conv.runtime import NpuReadyCheckpoint
 from w4a8conv.verify import verify

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from w4a8conv.constants import DESCRIPTION_NAME, STAMP_KEY, ExitCode
-from w4a8conv.engine import sha256_file
+from w4a8conv.journal import sha256_file
 from w4a8conv.errors import InvalidCheckpointError, UsageError
 from w4a8conv.numerics import LinearNumerics, check_numerics, error_bound, fp_budget
 from w4a8conv.runtime import NpuReadyCheckpoint

@@ -1,16 +1,12 @@
-"""Runs a plan's shards: in this process or in worker processes, with a journal for resume.
+"""Runs a plan's shards: in this process or in worker processes, each finished shard journaled.
 
 Every shard's bytes depend on the plan alone, so the output is identical for any worker count and
-for a run that was interrupted and resumed. The journal records each finished shard's size and
-sha256 as soon as its rename is durable; `--resume` re-hashes those files and skips the ones that
-still match.
+for a run that was interrupted and resumed (`journal.py` says which shards are done).
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
-import json
 import multiprocessing
 import os
 import queue as queue_module
@@ -22,111 +18,19 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import resource_tracker
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import OutputLocationError, WriteError
+from .errors import WriteError
+from .files import partial_name
+from .journal import Journal, WrittenShard, sha256_file
 from .produce import produce
 from .source.reader import TensorReader
 from .source.safetensors_file import TensorRef
-from .writer import ShardPlan, WrittenShard, partial_name, write_json_atomic, write_shard
+from .writer import ShardPlan, write_shard
 
-__all__ = ["JOURNAL_NAME", "Journal", "run_shards", "sha256_file", "plan_fingerprint", "source_files_identity"]
-
-JOURNAL_NAME = ".w4a8conv-journal.json"
-_HASH_BLOCK = 16 * 2**20
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        while block := f.read(_HASH_BLOCK):
-            digest.update(block)
-    return "sha256:" + digest.hexdigest()
-
-
-def plan_fingerprint(shards: list[ShardPlan], metadata: Mapping[str, str]) -> str:
-    """sha256 over what decides the output bytes: shard names, tensor names, dtypes, shapes, recipes."""
-    digest = hashlib.sha256(json.dumps(dict(metadata), sort_keys=True).encode())
-    for shard in shards:
-        digest.update(f"\0{shard.file_name}".encode())
-        for t in shard.tensors:
-            digest.update(f"\0{t.name}:{t.dtype}:{list(t.shape)}:{type(t.recipe).__name__}".encode())
-    return "sha256:" + digest.hexdigest()
-
-
-def source_files_identity(files: list[Path]) -> str:
-    """sha256 over each weight file's name, size, modification time and inode: the fingerprint covers
-    headers only, so this is what tells a resume that tensor bytes were edited in place."""
-    digest = hashlib.sha256()
-    for path in files:
-        stat = path.stat()
-        digest.update(f"\0{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ino}".encode())
-    return "sha256:" + digest.hexdigest()
-
-
-@dataclass
-class Journal:
-    """What a run has finished, keyed to the source and the plan it was made for."""
-
-    path: Path
-    source_fingerprint: str
-    source_files: str  # identity of the weight files' contents on disk (see `source_files_identity`)
-    plan_fingerprint: str
-    done: dict[str, dict]
-
-    @classmethod
-    def start(cls, output: Path, source_fingerprint: str, source_files: str, plan_fp: str) -> "Journal":
-        journal = cls(output / JOURNAL_NAME, source_fingerprint, source_files, plan_fp, {})
-        journal.save()
-        return journal
-
-    @classmethod
-    def resume(cls, output: Path, source_fingerprint: str, source_files: str, plan_fp: str) -> "Journal":
-        path = output / JOURNAL_NAME
-        try:
-            raw = json.loads(path.read_text())
-            journal = cls(path, raw["source_fingerprint"], raw["source_files"], raw["plan_fingerprint"],
-                          {str(k): {"bytes": int(v["bytes"]), "sha256": str(v["sha256"])}
-                           for k, v in raw["shards"].items()})
-        except FileNotFoundError:
-            raise OutputLocationError(f"{output}: nothing to resume (no {JOURNAL_NAME}); "
-                                      "start a new conversion") from None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise OutputLocationError(f"{path}: unreadable journal ({exc}); use --force to start over") from None
-        if journal.source_fingerprint != source_fingerprint:
-            raise OutputLocationError(f"{output}: the source changed since the interrupted run "
-                                      "(fingerprint mismatch); use --force to start over")
-        if journal.source_files != source_files:
-            raise OutputLocationError(f"{output}: the source changed since the interrupted run (its weight files "
-                                      "were modified or replaced); use --force to start over")
-        if journal.plan_fingerprint != plan_fp:
-            raise OutputLocationError(f"{output}: the interrupted run used other options (shard size or "
-                                      "model dtype); resume with the same options or use --force")
-        return journal
-
-    def save(self) -> None:
-        write_json_atomic(self.path, {"source_fingerprint": self.source_fingerprint,
-                                      "source_files": self.source_files,
-                                      "plan_fingerprint": self.plan_fingerprint, "shards": self.done})
-
-    def record(self, shard: WrittenShard) -> None:
-        self.done[shard.file_name] = {"bytes": shard.nbytes, "sha256": shard.sha256}
-        self.save()
-
-    def still_valid(self, output: Path, name: str) -> WrittenShard | None:
-        """The journaled shard, if its file is still there with the recorded size and hash."""
-        entry, path = self.done.get(name), output / name
-        try:
-            if entry is None or not path.is_file() or path.stat().st_size != entry["bytes"]:
-                return None
-            if sha256_file(path) != entry["sha256"]:
-                return None
-        except OSError:  # unreadable: written again (and a write that fails too names the path)
-            return None
-        return WrittenShard(name, entry["bytes"], entry["sha256"])
+__all__ = ["run_shards"]
 
 
 @contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,8 @@ from .plan import Plan
 from .produce import memory_bytes
 from .writer import ShardPlan
 
-__all__ = ["ResourcePlan", "estimate_resources", "free_disk_bytes", "usable_cpus", "BASELINE_RSS_BYTES"]
+__all__ = ["ResourcePlan", "estimate_resources", "free_disk_bytes", "peak_rss_bytes", "usable_cpus",
+           "BASELINE_RSS_BYTES"]
 
 # RSS of a worker before it converts anything (python + torch + safetensors), measured on x86_64.
 BASELINE_RSS_BYTES = 350 * 2**20
@@ -26,7 +28,7 @@ class ResourcePlan:
     peak_worker_bytes: int
     workers: int  # worker processes used: the request capped at the shards and the usable CPUs
     workers_requested: int
-    disk_free_bytes: int | None
+    disk_free_bytes: int | None  # measured by the caller where the output goes (None: not measured)
 
     @property
     def peak_total_bytes(self) -> int:
@@ -58,7 +60,9 @@ def free_disk_bytes(path: Path) -> int | None:
         return None
 
 
-def estimate_resources(plan: Plan, shards: list[ShardPlan], output: Path, workers: int) -> ResourcePlan:
+def estimate_resources(plan: Plan, shards: list[ShardPlan], workers: int, *,
+                       disk_free_bytes: int | None = None) -> ResourcePlan:
+    """The plan's cost; `disk_free_bytes` is whatever the caller measured where the output goes (once)."""
     tensors = [t for s in shards for t in s.tensors]
     peak = BASELINE_RSS_BYTES + max((memory_bytes(t, plan.source.tensors) for t in tensors), default=0)
     return ResourcePlan(
@@ -68,5 +72,20 @@ def estimate_resources(plan: Plan, shards: list[ShardPlan], output: Path, worker
         peak_worker_bytes=int(math.ceil(peak)),
         workers=max(1, min(workers, len(shards), usable_cpus())),
         workers_requested=workers,
-        disk_free_bytes=free_disk_bytes(output),
+        disk_free_bytes=disk_free_bytes,
     )
+
+
+def peak_rss_bytes() -> int:
+    """Largest resident set of this process or any finished worker.
+
+    For this process VmHWM is read, because Linux carries ru_maxrss over an exec from the parent
+    (a launcher's size would show up as ours); workers start small, so their ru_maxrss is theirs.
+    """
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    try:
+        status = Path("/proc/self/status").read_text()
+        own = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
+    except (OSError, StopIteration, ValueError):
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return max(own, children)

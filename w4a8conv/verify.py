@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .constants import DESCRIPTION_NAME, DOWN_BIAS_CHUNKS, INDEX_NAME
-from .engine import sha256_file
+from .journal import sha256_file
 from .layout import expert_tensor_specs
 from .errors import InvalidCheckpointError, NotConvertedError, UsageError, W4A8Error
 from .numerics import LayerNumerics, LinearNumerics, check_numerics, open_converted_source, source_mismatch

@@ -1,29 +1,28 @@
 """Streaming safetensors shards: header first (every shape is known from the plan), then each
 tensor's pieces as they are produced, hashed on the way. A shard is written under a temporary name,
-fsynced and renamed; the index and the stamped description are written after every shard.
+fsynced and renamed (`files.py`); `route.py` writes the index and the stamped description after every shard.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import hashlib
 import json
 import os
 import queue
-import shutil
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from .constants import SHARD_NAME
 from .errors import WriteError
+from .files import discard, fsync_dir, partial_name
+from .journal import WrittenShard
 from .plan import OutputTensor
 
-__all__ = ["ShardPlan", "WrittenShard", "assign_shards", "shard_header", "write_shard",
-           "write_json_atomic", "copy_file_atomic", "partial_name"]
+__all__ = ["ShardPlan", "assign_shards", "plan_fingerprint", "shard_header", "write_shard"]
 
 _ALIGN = 8  # safetensors pads the header so tensor data starts 8-byte aligned
 
@@ -36,13 +35,6 @@ class ShardPlan:
     @property
     def data_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
-
-
-@dataclass(frozen=True)
-class WrittenShard:
-    file_name: str
-    nbytes: int
-    sha256: str
 
 
 def assign_shards(tensors: Iterable[OutputTensor], max_shard_bytes: int) -> list[ShardPlan]:
@@ -62,6 +54,16 @@ def assign_shards(tensors: Iterable[OutputTensor], max_shard_bytes: int) -> list
     return [ShardPlan(SHARD_NAME.format(index=i + 1, count=count), tuple(g)) for i, g in enumerate(groups)]
 
 
+def plan_fingerprint(shards: list[ShardPlan], metadata: Mapping[str, str]) -> str:
+    """sha256 over what decides the output bytes: shard names, tensor names, dtypes, shapes, recipes."""
+    digest = hashlib.sha256(json.dumps(dict(metadata), sort_keys=True).encode())
+    for shard in shards:
+        digest.update(f"\0{shard.file_name}".encode())
+        for t in shard.tensors:
+            digest.update(f"\0{t.name}:{t.dtype}:{list(t.shape)}:{type(t.recipe).__name__}".encode())
+    return "sha256:" + digest.hexdigest()
+
+
 def shard_header(tensors: Iterable[OutputTensor], metadata: dict[str, str]) -> bytes:
     """The safetensors header (length prefix included) for tensors stored back to back in order."""
     header: dict[str, object] = {"__metadata__": metadata}
@@ -72,25 +74,6 @@ def shard_header(tensors: Iterable[OutputTensor], metadata: dict[str, str]) -> b
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % _ALIGN)
     return len(raw).to_bytes(8, "little") + raw
-
-
-def partial_name(file_name: str) -> str:
-    return f".{file_name}.partial"
-
-
-def _discard(temp: Path) -> None:
-    """Remove a temporary file after a failure; if even that fails (a file system remounted read-only
-    on errors), the error to report is the first one, and `--resume` removes stale partial files."""
-    with contextlib.suppress(OSError):
-        temp.unlink(missing_ok=True)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _Writeback:
@@ -194,38 +177,11 @@ def write_shard(directory: Path, shard: ShardPlan, metadata: dict[str, str],
             digest.close()
             os.close(fd)
         os.replace(temp, final)
-        _fsync_dir(directory)
+        fsync_dir(directory)
     except OSError as exc:
-        _discard(temp)
+        discard(temp)
         raise WriteError(f"{final}: cannot write: {exc.strerror or exc}") from None
     except BaseException:
-        _discard(temp)
+        discard(temp)
         raise
     return WrittenShard(shard.file_name, total, "sha256:" + sha256)
-
-
-def write_json_atomic(path: Path, obj: object) -> None:
-    temp = path.with_name(partial_name(path.name))
-    try:
-        with open(temp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-        _fsync_dir(path.parent)
-    except OSError as exc:
-        _discard(temp)
-        raise WriteError(f"{path}: cannot write: {exc.strerror or exc}") from None
-
-
-def copy_file_atomic(source: Path, target: Path) -> None:
-    temp = target.with_name(partial_name(target.name))
-    try:
-        shutil.copyfile(source, temp)
-        with open(temp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(temp, target)
-    except OSError as exc:
-        _discard(temp)
-        raise WriteError(f"{target}: cannot copy from {source}: {exc.strerror or exc}") from None
