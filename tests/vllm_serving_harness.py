@@ -58,6 +58,7 @@ import collections.abc
 import contextlib
 import dataclasses
 import enum
+import fcntl
 import functools
 import importlib.machinery
 import importlib.util
@@ -199,10 +200,20 @@ def release_sources(dist: str, version: str, *, sdist: bool = False, env: str | 
         folder.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise HarnessUnavailable(f"cannot create the source cache {folder.parent}: {exc}") from None
+    # Test runs from several clones share the cache: one fetches, the others wait and find it there.
+    with open(folder.with_name(f".{folder.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / dist_info / "METADATA").is_file():
+            _fetch_sources(dist, version, package, dist_info, folder, sdist=sdist, env=env)
+    return folder
+
+
+def _fetch_sources(dist: str, version: str, package: str, dist_info: str, folder: Path, *, sdist: bool,
+                   env: str | None) -> None:
     given = os.environ.get(env) if env else None
     if given:
         _extract_sources(Path(given).expanduser(), package, dist_info, folder)
-        return folder
+        return
     with tempfile.TemporaryDirectory(prefix="w4a8conv-release-", dir=folder.parent) as scratch:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", scratch, "--disable-pip-version-check",
                    "--quiet"]
@@ -224,7 +235,6 @@ def release_sources(dist: str, version: str, *, sdist: bool = False, env: str | 
             raise HarnessUnavailable(f"could not download {dist}=={version} (set ${env} to it on disk): "
                                      f"{(done.stderr or done.stdout).strip()[-600:]}")
         _extract_sources(found[0], package, dist_info, folder)
-    return folder
 
 
 def vllm_sources(release: str = DEFAULT_RELEASE) -> Path:
