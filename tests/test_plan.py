@@ -1,7 +1,9 @@
 """plan.py: the output tensors of a source, their order and recipes, and what each recipe reads."""
 from __future__ import annotations
 
+import ast
 import typing
+from pathlib import Path
 
 import pytest
 
@@ -86,3 +88,46 @@ def test_a_converted_description_is_refused_as_a_source(converted):
     _source, output = converted("moe-group-v1")
     with pytest.raises(InvalidCheckpointError, match="already converted by w4a8conv"):
         make_plan(open_source(output))
+
+
+RECIPE_TYPES = {cls.__name__ for cls in typing.get_args(Recipe)}
+
+
+def _tests_recipe_type(test: ast.expr) -> bool:
+    """`isinstance(x, SomeRecipe)` or `type(x) is SomeRecipe`, possibly negated or inside and/or."""
+    for node in ast.walk(test):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance":
+            if {getattr(n, "id", None) for n in ast.walk(node.args[1])} & RECIPE_TYPES:
+                return True
+        if isinstance(node, ast.Compare) and {getattr(n, "id", None) for n in node.comparators} & RECIPE_TYPES:
+            return True
+    return False
+
+
+def recipe_ladders(source: str) -> list[int]:
+    """Lines where a block picks a code path by testing a recipe's type twice or more: an if/elif
+    chain, or one `if ...: return` after another."""
+    found, seen = [], set()
+    for node in ast.walk(ast.parse(source)):
+        for block in (getattr(node, "body", None), getattr(node, "orelse", None)):
+            tests = []
+            for statement in block if isinstance(block, list) else ():
+                while isinstance(statement, ast.If) and _tests_recipe_type(statement.test):
+                    tests.append(statement.lineno)
+                    statement = statement.orelse[0] if len(statement.orelse) == 1 else None
+            if len(tests) >= 2 and not seen & set(tests):  # an elif chain is also the orelse of its if
+                found.append(tests[0])
+            seen |= set(tests)
+    return sorted(found)
+
+
+def test_no_module_chooses_a_recipes_code_path_by_an_isinstance_ladder():
+    """The code path per recipe type comes from `produce.RECIPES` or from the recipe itself."""
+    package = Path(__file__).parents[1] / "w4a8conv"
+    ladders = {str(p.relative_to(package)): lines for p in sorted(package.rglob("*.py"))
+               if (lines := recipe_ladders(p.read_text()))}
+    assert not ladders, ladders
+    assert recipe_ladders("if isinstance(r, CopyBytes):\n    a()\nelif isinstance(r, ExpertTensor):\n    b()\n") == [1]
+    assert recipe_ladders("def f(r):\n    if isinstance(r, CopyBytes):\n        return 1\n"
+                          "    if type(r) is LinearTensor:\n        return 2\n") == [2]
+    assert recipe_ladders("if type(r) is TranslatedTensor:\n    a()\n") == []
