@@ -10,8 +10,9 @@
 4. `PreparedOutput.commit`: the copied files, the rewritten JSON, the index, then the stamped
    description last (the completion marker); the journal goes.
 
-A single-host conversion runs the steps in this order in one process; each takes what the one before
-it left on disk, so they can also run as a distributed run's plan (1-2), tasks (3) and commit (4).
+A single-host conversion runs the steps in this order in one process. Each is its own call with its
+inputs explicit (the plan, the journal, the written shards' records), so a distributed run can call
+them as its plan (1-2), tasks (3) and commit (4), carrying the journal and those records between hosts.
 """
 from __future__ import annotations
 
