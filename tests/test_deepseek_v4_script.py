@@ -18,16 +18,28 @@ from safetensors.torch import load_file, save_file
 from cases import EP_SIZES, TP_SIZES, split_allowed
 from robustness_support import assert_clean_failure, assert_nothing_complete, rewrite_tensors, run_main
 from test_vllm_ascend_equivalence import MoeWhere, assert_bias_close, assert_ints_equal
-from w4a8conv.api import ConvertOptions, convert
+from w4a8conv.api import ConvertOptions, convert, inspect
 from w4a8conv.constants import DOWN_BIAS_CHUNKS
 from w4a8conv.runtime import NpuReadyCheckpoint
 from w4a8conv.synthetic import DEEPSEEK_V4_SCRIPT, write_checkpoint
 from w4a8conv.verify import verify
 
+from w4a8conv.layout import MOE_PARAMS
+from w4a8conv.runtime import vllm_ascend as plugin
+
 try:
+    import test_vllm_plugin as plugin_tests
+    import test_vllm_serving_harness as checks
     import vllm_ascend_harness as harness
+    import vllm_serving_harness as serving
 except ImportError:  # tests/ imported as a package
+    from tests import test_vllm_plugin as plugin_tests
+    from tests import test_vllm_serving_harness as checks
     from tests import vllm_ascend_harness as harness
+    from tests import vllm_serving_harness as serving
+
+wheels = plugin_tests.wheels
+no_leftover_modules = checks.no_leftover_modules
 
 BLOCKS = ["layers.0.ffn", "layers.1.ffn", "mtp.0.ffn"]
 
@@ -140,3 +152,71 @@ def test_a_total_that_is_not_the_sum_of_the_chunks_is_refused(script_source, tmp
                                   "of the 16 chunk biases recomputed from the weight and weight_scale"])
     if (tmp_path / "out").exists():
         assert_nothing_complete(tmp_path / "out")
+
+
+# --------------------------------------------------------------------------------------------
+# Serving the converted output on vllm-ascend 0.23 (tests/vllm_serving_harness.py)
+
+# vLLM builds the model's experts under `model.layers.L.mlp.experts` and the MTP draft model's under its
+# own prefix, `mtp.0.mlp.experts`; DeepSeekV4MTP.load_weights loads `mtp.0.` weights into the module at
+# `model.layers.0.mtp_block.` of that model.
+MAIN_LAYERS = {f"model.layers.{i}.mlp.experts": f"model.layers.{i}.mlp.experts"
+               for i in range(DEEPSEEK_V4_SCRIPT.moe_layers)}
+MTP_LAYER = {"mtp.0.mlp.experts": "model.layers.0.mtp_block.mlp.experts"}  # vLLM prefix -> place in the model
+SERVING_SPLITS = [(1, 1), (2, 1), (4, 1), (1, 2)]
+
+
+def _experts_of(root: Path):
+    return ((name, tensor) for name, tensor in serving.weights_from_dir(root) if ".ffn.experts." in name)
+
+
+def serve_on_0_23(root: Path, split: dict, *, plugin_on: bool) -> dict[str, torch.nn.Module]:
+    """One rank of vllm-ascend 0.23 + vLLM 0.23.0 loading `root` (native names) through DeepSeek-V4's own
+    loops, AscendDeepseekV4ForCausalLM.load_weights for the model and DeepSeekV4MTP.load_weights for the
+    MTP layer; with `plugin_on`, the converted checkpoint through the plugin, else the source through the
+    release's own W4A8_DYNAMIC path. Returns the MoE layers by vLLM prefix, post-processed."""
+    description = json.loads((root / "quant_model_description.json").read_text())
+    spec = DEEPSEEK_V4_SCRIPT
+    with serving.ServingEnv(description, model_type="deepseek_v4", release="0.23",
+                            params_dtype=getattr(torch, spec.model_dtype), **split) as env:
+        if plugin_on:
+            plugin.register()
+        layers = {prefix: env.moe_layer(prefix, spec.num_experts, spec.hidden, spec.intermediate)
+                  for prefix in (*MAIN_LAYERS, *MTP_LAYER)}
+        for prefix, layer in layers.items():
+            assert getattr(layer.quant_method.quant_method, "_w4a8conv_scheme", False) is plugin_on, prefix
+            checks._scramble(layer)
+        model = env.model({path: layers[prefix] for prefix, path in MAIN_LAYERS.items()})
+        mtp = env.model({path: layers[prefix] for prefix, path in MTP_LAYER.items()}, mtp=True)
+        assert model.load_weights.__code__.co_filename.endswith("vllm_ascend/models/deepseek_v4.py")
+        assert mtp.load_weights.__code__.co_filename.endswith("vllm_ascend/models/deepseek_v4_mtp.py")
+        loaded = env.load_weights(model, _experts_of(root)) | env.load_weights(mtp, _experts_of(root))
+        assert {name.rsplit(".experts.", 1)[0] + ".experts" for name in loaded} == {*MAIN_LAYERS.values(),
+                                                                                    *MTP_LAYER.values()}
+        env.process_weights_after_loading(model)
+        env.process_weights_after_loading(mtp)
+    return layers
+
+
+def test_the_stamp_lists_only_the_lines_with_a_deepseek_v4_model(script_converted):
+    """vllm-ascend has its own DeepSeek-V4 model from 0.20.2 (0.23 in the plugin's table); 0.11-0.18 have
+    none, so the output names 0.23 only, and inspect shows it."""
+    assert NpuReadyCheckpoint.open(script_converted).stamp.serving_releases == ("0.23",)
+    assert inspect(script_converted)["serving_releases"] == ["0.23"]
+
+
+@pytest.mark.parametrize("tp, ep", SERVING_SPLITS, ids=[f"tp{tp}-ep{ep}" for tp, ep in SERVING_SPLITS])
+def test_the_converted_output_serves_on_0_23_as_the_msmodelslim_form(wheels, script_converted, msmodelslim_form,
+                                                                      tp, ep):
+    """The output w4a8conv wrote from the script-format source, native names and all (its stamp records
+    `layers.L.ffn` and `mtp.0.ffn`), loads through 0.23's DeepSeek-V4 loops on every rank, the MTP layer
+    included, and each layer ends with the six tensors vllm-ascend 0.23 holds after loading and
+    post-processing the msModelSlim-equivalent source (w2 bias 16-way) through the same loops."""
+    assert set(NpuReadyCheckpoint.open(script_converted).stamp.modules) == set(BLOCKS)
+    for split in checks._rank_splits(tp, ep):
+        ours = serve_on_0_23(script_converted, split, plugin_on=True)
+        theirs = serve_on_0_23(msmodelslim_form, split, plugin_on=False)
+        for prefix, layer in ours.items():
+            for key in MOE_PARAMS:
+                checks.assert_same(getattr(layer, key).data, getattr(theirs[prefix], key).data,
+                                   f"{prefix} {split} {key}", bias=key.endswith("scale_bias"))

@@ -17,7 +17,7 @@ The same for the release pair vLLM 0.13.0 + vllm-ascend 0.13.0 (`release="0.13"`
   "<prefix>.weight" in the description (KeyError).
 
 The wheels are read at test time (downloaded into caches outside the repository); without them
-these tests skip.
+these tests skip, and fail when $CI is set (`release_or_skip`).
 """
 from __future__ import annotations
 
@@ -29,9 +29,13 @@ import sys
 import tarfile
 import zipfile
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import pytest
 import torch
 
+from conftest import running_in_ci
 from w4a8conv.synthetic import PRESETS
 
 try:
@@ -43,6 +47,7 @@ except ImportError:  # tests/ imported as a package
     from tests import vllm_serving_harness as serving
     from tests.cases import LINEAR_CASES, MOE_CASES, splits
 
+T = TypeVar("T")
 SOURCE_TYPE = "W4A8_DYNAMIC"
 R013 = "0.13"
 ASCEND_013 = serving.RELEASES[R013].ascend_version
@@ -60,20 +65,28 @@ def _leftovers() -> list[str]:
     return sorted(n for n in sys.modules if n.partition(".")[0] in serving.STANDIN_ROOTS)
 
 
+def release_or_skip(what: str, fetch: Callable[[], T]) -> T:
+    """`fetch()`'s release sources; where they cannot be had the test skips, and fails when $CI is set
+    (a serving test that cannot get its release must not pass unnoticed there)."""
+    try:
+        return fetch()
+    except serving.HarnessUnavailable as exc:
+        reason = f"{what} unavailable: {exc}"
+        if running_in_ci():
+            pytest.fail(f"{reason} ($CI is set: the serving tests must run)")
+        pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def wheels():
-    try:
-        return serving.vllm_sources(), harness.find_wheel()
-    except serving.HarnessUnavailable as exc:
-        pytest.skip(f"vllm / vllm-ascend {serving.VLLM_VERSION} wheel unavailable: {exc}")
+    return release_or_skip(f"vllm / vllm-ascend {serving.VLLM_VERSION} wheel",
+                           lambda: (serving.vllm_sources(), harness.find_wheel()))
 
 
 @pytest.fixture(scope="session")
 def wheels_013():
-    try:
-        return serving.vllm_sources(R013), harness.find_wheel(ASCEND_013)
-    except serving.HarnessUnavailable as exc:
-        pytest.skip(f"vllm / vllm-ascend {ASCEND_013} wheel unavailable: {exc}")
+    return release_or_skip(f"vllm / vllm-ascend {ASCEND_013} wheel",
+                           lambda: (serving.vllm_sources(R013), harness.find_wheel(ASCEND_013)))
 
 
 @pytest.fixture(autouse=True)
@@ -474,3 +487,14 @@ def test_release_sources_keep_only_the_python_files_and_the_metadata(tmp_path, m
     assert serving._member_text(folder, "vllm_ascend/ops/op.py") == "Y = 2\n"
     archive.unlink()  # a second call reads the cache, not the archive
     assert serving.release_sources.__wrapped__("vllm-ascend", "9.9.9", env="W4A8CONV_TEST_RELEASE") == folder
+
+
+@pytest.mark.parametrize("ci, outcome", [("1", pytest.fail.Exception), ("", pytest.skip.Exception)])
+def test_a_release_that_cannot_be_fetched_fails_under_ci_and_skips_elsewhere(monkeypatch, ci, outcome):
+    """Every serving test reaches its releases through `release_or_skip` (the `wheels` fixtures)."""
+    def unavailable():
+        raise serving.HarnessUnavailable("no network")
+
+    monkeypatch.setenv("CI", ci)
+    with pytest.raises(outcome, match="release pair 9.9 unavailable: no network"):
+        release_or_skip("release pair 9.9", unavailable)

@@ -91,7 +91,7 @@ except ImportError:  # tests/ imported as a package
     from tests import vllm_ascend_harness as _ascend
 
 __all__ = ["VLLM_VERSION", "VLLM_ASCEND_VERSION", "HarnessUnavailable", "vllm_sources", "release_sources",
-           "ServingEnv",
+           "release_wheels", "ServingEnv",
            "weights_from_dir", "MODEL_TYPES", "RELEASES", "DEFAULT_RELEASE", "Release"]
 
 VLLM_VERSION = "0.11.0"  # of the default release; RELEASES has the others
@@ -243,7 +243,7 @@ def vllm_sources(release: str = DEFAULT_RELEASE) -> Path:
     return release_sources("vllm", spec.vllm_version, env=spec.vllm_wheel_env)
 
 
-def _wheels(release: str = DEFAULT_RELEASE) -> tuple[Path, Path]:
+def release_wheels(release: str = DEFAULT_RELEASE) -> tuple[Path, Path]:
     """(vllm, vllm-ascend) of a release: folders of extracted sources, except vllm-ascend 0.11/0.13, whose
     small wheels `vllm_ascend_harness` reads as they are; HarnessUnavailable when either cannot be had."""
     spec = _release(release)
@@ -792,7 +792,7 @@ class ServingEnv:
     def __enter__(self) -> ServingEnv:
         if self._active:
             raise RuntimeError("ServingEnv is not reentrant")
-        self.vllm_wheel, self.ascend_wheel = _wheels(self.release)
+        self.vllm_wheel, self.ascend_wheel = release_wheels(self.release)
         self._saved_modules = {n: m for n, m in sys.modules.items() if self._ours(n)}
         self._saved_path = list(sys.path)
         self._added: set[str] = set()

@@ -18,7 +18,7 @@ from .resources import ResourcePlan, estimate_resources, free_disk_bytes, peak_r
 from .route import OutputRoute
 from .runtime.vllm_ascend import serving_release_lines
 from .source import TensorReader, open_source
-from .source.checkpoint import DEFAULT_GROUP_SIZE, GroupSizeFrom, SourceCheckpoint, read_json
+from .source.checkpoint import DEFAULT_GROUP_SIZE, GroupSizeFrom, SourceCheckpoint, model_type_of, read_json
 from .stamp import LinearRecord, ModuleRecord, MoeRecord, ShardRecord, SourceRecord, Stamp
 from .transforms import LINEAR_SPECS
 from .version import __version__
@@ -92,7 +92,8 @@ def build_stamp(plan: Plan, shards: list[WrittenShard], source_fingerprint: str)
     """The record the runtime checks before serving: layout, source variant, modules, shard hashes."""
     source = plan.source
     return Stamp(
-        serving_releases=tuple(serving_release_lines()),  # vllm-ascend lines the plugin of this w4a8conv serves
+        # vllm-ascend lines the plugin of this w4a8conv serves this model on
+        serving_releases=tuple(serving_release_lines(model_type_of(source.root))),
         tool_version=__version__,
         source=SourceRecord(
             producer=source.producer, version=source.version, group_size=source.group_size,

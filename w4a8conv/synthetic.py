@@ -180,12 +180,25 @@ def _model_tensors(spec: SyntheticSpec, sink: _Sink, gen: torch.Generator) -> No
 
 def _deepseek_v4_script_tensors(spec: SyntheticSpec, sink: _Sink, gen: torch.Generator) -> None:
     """Native DeepSeek-V4 names as vllm-ascend's offline DeepSeek-V4 script writes them: no `model.` prefix,
-    `ffn`, w1/w3/w2; routed experts W4A8, shared experts and attention W8A8_DYNAMIC, MTP layers last."""
+    `ffn`, w1/w3/w2; routed experts W4A8, shared experts and attention W8A8_DYNAMIC, MTP layers last; the
+    fp32 hyper-connection parameters (`hc_*`, HC_MULT streams) FLOAT. vllm-ascend 0.23 recognises a
+    DeepSeek-V4 description by its top-level `hc_head_fn` and only then resolves the native names."""
     dtype = getattr(torch, spec.model_dtype)
     h, inter = spec.hidden, spec.intermediate
+    mix, streams = (2 + _HC_MULT) * _HC_MULT, _HC_MULT * h
+
+    def hyper_connections(prefix: str, parts: dict[str, tuple[int, ...]]) -> None:
+        for part, shape in parts.items():
+            sink.add(_float(gen, f"{prefix}hc_{part}", shape, torch.float32), "FLOAT")
+
+    head = {"head_fn": (_HC_MULT, streams), "head_base": (_HC_MULT,), "head_scale": (1,)}
     sink.add(_float(gen, "embed.weight", (spec.vocab, h), dtype), "FLOAT")
     blocks = [f"layers.{i}" for i in range(spec.moe_layers)] + [f"mtp.{i}" for i in range(spec.mtp_layers)]
     for p in blocks:
+        hyper_connections(f"{p}.", {f"{where}_{part}": shape for where in ("attn", "ffn")
+                                    for part, shape in (("fn", (mix, streams)), ("base", (mix,)), ("scale", (3,)))})
+        if p.startswith("mtp."):
+            hyper_connections(f"{p}.", head)
         sink.add(_float(gen, f"{p}.attn_norm.weight", (h,), dtype), "FLOAT")
         for proj in ("wq", "wkv", "wo"):
             sink.add(_w8a8(gen, f"{p}.attn.{proj}", h, h), "W8A8_DYNAMIC")
@@ -196,10 +209,12 @@ def _deepseek_v4_script_tensors(spec: SyntheticSpec, sink: _Sink, gen: torch.Gen
         for e in range(spec.num_experts):
             for proj, (out, inp) in (("w1", (inter, h)), ("w3", (inter, h)), ("w2", (h, inter))):
                 sink.add(_w4a8(spec, gen, f"{p}.ffn.experts.{e}.{proj}", out, inp, proj == "w2"), SOURCE_TYPE)
+    hyper_connections("", head)
     sink.add(_float(gen, "norm.weight", (h,), dtype), "FLOAT")
     sink.add(_float(gen, "head.weight", (spec.vocab, h), dtype), "FLOAT")
 
 
+_HC_MULT = 2  # DeepSeek-V4's hc_mult (4 in the released models; the shapes follow vllm-ascend 0.23's model)
 _LAYOUTS = {"hf": _model_tensors, "deepseek-v4-script": _deepseek_v4_script_tensors}
 
 

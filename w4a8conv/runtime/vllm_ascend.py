@@ -43,8 +43,8 @@ import importlib
 import importlib.metadata
 import os
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 
@@ -101,6 +101,29 @@ SCHEME_REGISTRY = Mechanism(base_module="vllm_ascend.quantization.methods.w4a8",
 
 
 @dataclass(frozen=True)
+class NativeNames:
+    """How a release resolves a model's native checkpoint module names (DeepSeek-V4's `layers.L.ffn`,
+    `mtp.0.ffn`) to the prefixes vLLM builds its layers under: as vllm-ascend 0.23's modelslim config
+    does with the description's keys (`_apply_extra_quant_adaptations`, for a description holding
+    `hc_head_fn`), each name also stands with `leading` in front and with every `old` part replaced by
+    `new`, one rule after the other, the names before each rule kept."""
+
+    leading: str
+    renames: tuple[tuple[str, str], ...]
+
+    def aliases(self, module: str) -> set[str]:
+        names = {module, module if module.startswith(self.leading) else self.leading + module}
+        for old, new in self.renames:
+            names |= {name.replace(old, new) for name in names}
+        return names
+
+
+# vllm-ascend 0.23 (models/deepseek_v4.py, its loops rename weights the same way): `layers.1.ffn` is
+# served as `model.layers.1.mlp`, the MTP layer `mtp.0.ffn` as `mtp.0.mlp` (its draft model's prefix)
+DEEPSEEK_V4_NAMES = NativeNames(leading="model.", renames=(("ffn", "mlp"),))
+
+
+@dataclass(frozen=True)
 class Release:
     """What differs between vllm-ascend release lines for serving converted W4A8 weights."""
 
@@ -112,6 +135,10 @@ class Release:
     squeezed_channel_scale: bool  # per-channel w13_weight_scale is [E, 2Ip], not [E, 1, 2Ip] (0.20+)
     dynamic_eplb: bool            # W4A8 experts support dynamic EPLB: per-expert lists after the NZ cast (0.20+)
     bias_chunks_over: str         # the group whose size sets the release's down_proj bias chunks per rank
+    # models vllm-ascend implements itself in this line (vLLM's own models are in every line), by config.json
+    # model_type, with how it resolves their native module names; an output of such a model is served
+    # only by the lines that have it
+    models: Mapping[str, NativeNames] = field(default_factory=dict)
 
 
 # Release lines whose serving code this plugin was exercised against (tests/test_vllm_plugin.py), each
@@ -126,16 +153,21 @@ RELEASES = {
                      dynamic_eplb=False, bias_chunks_over="expert-parallel group"),
     # 0.23.0 and 0.23.0.post1 (an sdist, the same W4A8 code), served through vLLM 0.23.0's FusedMoE
     (0, 23): Release(SCHEME_REGISTRY, nz_cast="maybe_trans_nz", linear_nz=True, squeezed_channel_scale=True,
-                     dynamic_eplb=True, bias_chunks_over="tensor-parallel world"),
+                     dynamic_eplb=True, bias_chunks_over="tensor-parallel world",
+                     models={"deepseek_v4": DEEPSEEK_V4_NAMES}),
 }
 SUPPORTED_VLLM_ASCEND = tuple(RELEASES)
 _MARK = "_w4a8conv_scheme"
 _SHARD_IDS = {"q": 0, "k": 1, "v": 2}
 
 
-def serving_release_lines() -> list[str]:
-    """The vllm-ascend release lines this plugin serves converted checkpoints on ("0.11", ...)."""
-    return [f"{major}.{minor}" for major, minor in SUPPORTED_VLLM_ASCEND]
+def serving_release_lines(model_type: str | None = None) -> list[str]:
+    """The vllm-ascend release lines this plugin serves converted checkpoints on ("0.11", ...); with the
+    config.json `model_type` of an output, those that serve it: a model some line implements itself
+    (`Release.models`) only on the lines that have it, any other model on every line."""
+    own = any(model_type in release.models for release in RELEASES.values())
+    return [f"{major}.{minor}" for (major, minor), release in RELEASES.items()
+            if not own or model_type in release.models]
 
 
 def _vllm_ascend_version() -> str | None:
@@ -228,12 +260,24 @@ def _check_shards_on_disk(model: str) -> None:
     NpuReadyCheckpoint.open(model).close()
 
 
-def _record(stamp: Stamp, prefix: str, kind: type[MoeRecord] | type[LinearRecord]) -> tuple[str, ModuleRecord]:
-    """The stamp's record of the module a layer serves; vllm-ascend drops a leading `language_model.`."""
+def _model_type() -> str | None:
+    config = importlib.import_module("vllm.config").get_current_vllm_config()
+    return getattr(getattr(getattr(config, "model_config", None), "hf_config", None), "model_type", None)
+
+
+def _record(stamp: Stamp, prefix: str, kind: type[MoeRecord] | type[LinearRecord],
+            release: Release) -> tuple[str, ModuleRecord]:
+    """The stamp's record of the module a layer serves: under vLLM's prefix (vllm-ascend drops a leading
+    `language_model.`), or under the native name the release resolves to that prefix for its own model."""
     for candidate in (prefix, prefix.removeprefix("language_model."), "language_model." + prefix):
         record = stamp.modules.get(candidate)
         if isinstance(record, kind):
             return candidate, record
+    names = release.models.get(_model_type())
+    if names is not None:
+        for module, record in stamp.records(kind).items():
+            if prefix in names.aliases(module):
+                return module, record
     raise ServingError(f"{prefix}: the checkpoint's stamp records no converted {kind.kind} layer of that name, so "
                        "its parameters cannot be checked against the stored tensors")
 
@@ -320,7 +364,7 @@ class _ConvertedMoE:
     def attach(self, layer: torch.nn.Module) -> None:
         """Check the layer against the stamp and give its parameters our loaders."""
         name = layer.layer_name
-        prefix, record = _record(self.stamp, name.removesuffix(".experts"), MoeRecord)
+        prefix, record = _record(self.stamp, name.removesuffix(".experts"), MoeRecord, self.release)
         tp_size, tp_rank = layer.tp_size, layer.tp_rank
         check_tp(prefix, record.intermediate, record.group_size, tp_size)
         if layer.intermediate_size_per_partition * tp_size != record.intermediate \
@@ -440,7 +484,7 @@ class _ConvertedLinear:
 
     def attach(self, layer: torch.nn.Module) -> None:
         name = layer.prefix
-        records = [_record(self.stamp, shard, LinearRecord)[1] for shard in _shards(layer, name)]
+        records = [_record(self.stamp, shard, LinearRecord, self.release)[1] for shard in _shards(layer, name)]
         sizes = [r.out_features for r in records]
         inputs = {r.in_features for r in records}
         if list(getattr(layer, "output_sizes", sizes)) != sizes or inputs != {layer.input_size}:

@@ -22,7 +22,8 @@ from ..errors import InvalidCheckpointError, UsageError
 from .safetensors_file import SafetensorsHeader, TensorRef, parse_json, read_header
 
 __all__ = ["SourceCheckpoint", "GroupSizeFrom", "open_source", "read_json", "read_weight_files", "model_dtype_of",
-           "MODEL_DTYPES", "MODEL_DTYPE_ALIASES", "canonical_model_dtype", "DEFAULT_GROUP_SIZE", "MSMODELSLIM"]
+           "model_type_of", "MODEL_DTYPES", "MODEL_DTYPE_ALIASES", "canonical_model_dtype", "DEFAULT_GROUP_SIZE",
+           "MSMODELSLIM"]
 
 MSMODELSLIM = "msmodelslim"
 
@@ -219,6 +220,17 @@ def model_dtype_of(root: Path, override: str | None) -> torch.dtype | None:
         raise InvalidCheckpointError(f"torch_dtype {name!r} is not one of {', '.join(MODEL_DTYPES)}",
                                      file=config, tensor="torch_dtype")
     return MODEL_DTYPES[name]
+
+
+def model_type_of(root: Path) -> str | None:
+    """config.json's model_type (which vLLM model serves the checkpoint), or None where it names none or
+    cannot be read: that file is copied as it is, and its other checks belong to the serving stack."""
+    try:
+        _raw, parsed = read_json(root / "config.json")
+    except InvalidCheckpointError:
+        return None
+    model_type = parsed.get("model_type") if isinstance(parsed, dict) else None
+    return model_type if isinstance(model_type, str) else None
 
 
 def _cache_blobs(real_root: str) -> str | None:
