@@ -18,7 +18,7 @@ from .resources import ResourcePlan, estimate_resources, free_disk_bytes, peak_r
 from .route import OutputRoute
 from .runtime.vllm_ascend import serving_release_lines
 from .source import TensorReader, open_source
-from .source.checkpoint import DEFAULT_GROUP_SIZE, GroupSizeFrom, SourceCheckpoint, model_type_of, read_json
+from .source.checkpoint import DEFAULT_GROUP_SIZE, GroupSizeFrom, SourceCheckpoint, read_json
 from .stamp import LinearRecord, ModuleRecord, MoeRecord, ShardRecord, SourceRecord, Stamp
 from .transforms import LINEAR_SPECS
 from .version import __version__
@@ -93,7 +93,7 @@ def build_stamp(plan: Plan, shards: list[WrittenShard], source_fingerprint: str)
     source = plan.source
     return Stamp(
         # vllm-ascend lines the plugin of this w4a8conv serves this model on
-        serving_releases=tuple(serving_release_lines(model_type_of(source.root))),
+        serving_releases=tuple(serving_release_lines(source.model_type)),
         tool_version=__version__,
         source=SourceRecord(
             producer=source.producer, version=source.version, group_size=source.group_size,

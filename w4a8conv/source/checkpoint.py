@@ -64,6 +64,8 @@ class SourceCheckpoint:
     headers: tuple[SafetensorsHeader, ...]
     tensors: dict[str, TensorRef] = field(repr=False)
     producer: str = MSMODELSLIM
+    # config.json's model_type, read with the rest of the source: which serving releases have the model.
+    model_type: str | None = None
     # Modules whose source format the output re-expresses for the description's type (prefix -> translation).
     translated: dict[str, str] = field(default_factory=dict)
     # JSON files written with new content instead of copied (name -> object): config.json without the
@@ -356,7 +358,7 @@ def open_source(root: Path | str, *, model_dtype: str | None = None, group_size:
     checkpoint = SourceCheckpoint(
         root=root, description_file=description_file, description_bytes=description_bytes,
         description=description, version=version, group_size=group, group_size_from=group_from,
-        model_dtype=model_dtype_of(root, model_dtype),
+        model_dtype=model_dtype_of(root, model_dtype), model_type=model_type_of(root),
         index_file=index_file, headers=headers, tensors=tensors)
     checkpoint.non_weight_files()  # refuses links that leave the directory before anything is copied
     return checkpoint

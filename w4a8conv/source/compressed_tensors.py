@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..constants import SOURCE_TYPE, QuantVersion
 from ..errors import InvalidCheckpointError
-from .checkpoint import GroupSizeFrom, SourceCheckpoint, model_dtype_of, read_json, read_weight_files
+from .checkpoint import GroupSizeFrom, SourceCheckpoint, model_dtype_of, model_type_of, read_json, read_weight_files
 
 __all__ = ["COMPRESSED_TENSORS", "W8A8_TYPE", "FLOAT_TYPE", "is_compressed_tensors", "open_compressed_tensors",
            "LOADER_EXPERT_NAMES"]
@@ -261,7 +261,8 @@ def open_compressed_tensors(root: Path | str, *, model_dtype: str | None = None)
     checkpoint = SourceCheckpoint(
         root=root, description_file=config_file, description_bytes=config_bytes, description=description,
         version=QuantVersion.V0, group_size=group_size, group_size_from=GroupSizeFrom.DESCRIPTION,
-        model_dtype=model_dtype_of(root, model_dtype), index_file=index_file, headers=headers, tensors=tensors,
+        model_dtype=model_dtype_of(root, model_dtype), model_type=model_type_of(root), index_file=index_file,
+        headers=headers, tensors=tensors,
         producer=COMPRESSED_TENSORS,
         translated={m: t for m, t in module_type.items() if t == W8A8_TYPE},
         rewritten_json={config_file.name: rewritten})
