@@ -68,6 +68,9 @@ _IMPORTED = time.monotonic()
 # What an interrupted command leaves behind, by what it does.
 INTERRUPT_NOTES = {
     "convert": "finished shards are kept: run the same command with --resume",
+    "task": "the task's finished shards are kept: run the same command again",
+    "plan": "run the same command with --force",
+    "commit": "nothing is lost: run the same command again",
     "dry-run": "nothing was written",
     "read-only": "nothing was changed",
 }
@@ -173,38 +176,58 @@ def _plan_rows(plan: dict) -> list[tuple[str, str]]:
     ]
 
 
+ForceOpt = Annotated[bool, _flag("--force", help="Replace a previous w4a8conv output in OUTPUT.")]
+OutArg = Annotated[Path, typer.Argument(help="New or empty output directory.", show_default=False)]
+
+
 @app.command()
 def convert(
     source: SrcArg,
-    output: Annotated[Path, typer.Argument(help="New or empty output directory.", show_default=False)],
+    output: OutArg,
     max_shard_size: SizeOpt = "4GB",
     workers: Annotated[int, typer.Option(min=1, show_default="CPU cores",
                                          help="Shards converted in parallel processes.")] = WorkersDefault,
     resume: Annotated[bool, _flag("--resume", help="Finish an interrupted conversion in OUTPUT.")] = False,
-    force: Annotated[bool, _flag("--force", help="Replace a previous w4a8conv output in OUTPUT.")] = False,
+    force: ForceOpt = False,
     dry_run: Annotated[bool, _flag("--dry-run", help="Validate and print the plan; write nothing.")] = False,
     model_dtype: DtypeOpt = None,
     group_size: GroupOpt = None,
+    task: Annotated[Optional[int], typer.Option(
+        "--task", min=0, metavar="I", help="Run task I of the plan in OUTPUT (w4a8conv plan), with the plan's "
+                                           "options; a re-run resumes it.")] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Write an NPU-ready checkpoint: packed int4 weights, int64 scales, MSD biases."""
-    _begin("convert", "dry-run" if dry_run else "convert", quiet=quiet, verbose=verbose, as_json=as_json)
-    sink.phase(f"reading {source}")
-    from .api import ConvertOptions, convert as run
-
+    effect = "dry-run" if dry_run else "task" if task is not None else "convert"
+    _begin("convert", effect, quiet=quiet, verbose=verbose, as_json=as_json)
     if resume and force:
         raise typer.BadParameter("--resume and --force exclude each other", param_hint="--resume/--force")
+    if task is not None and (resume or force or dry_run):
+        raise typer.BadParameter("--task runs one task of a plan (resuming it by itself): not with --resume, "
+                                 "--force or --dry-run", param_hint="--task")
+    sink.phase(f"reading {source}")
+    from .api import ConvertOptions
+
     options = ConvertOptions(max_shard_bytes=max_shard_size, model_dtype=model_dtype, group_size=group_size,
                              workers=workers, resume=resume, force=force, dry_run=dry_run)
+    if task is not None:
+        _convert_task(source, output, task, options, as_json)
+    else:
+        _convert_here(source, output, options, as_json)
+
+
+def _convert_here(source: Path, output: Path, options, as_json: bool) -> None:
+    from .api import convert as run
+
     with sink.progress("converting") as progress:
         report = run(source, output, options=options, on_progress=progress, on_phase=sink.phase)
     summary = {**report.summary(), "wall_seconds": round(seconds_since_process_start(), 3)}
     if as_json:
         sink.data(summary)
         return
-    if dry_run:
+    if options.dry_run:
         sink.result(f"plan for {output} (dry run, nothing written):")
         sink.rows(_plan_rows(summary["plan"]))
     else:
@@ -217,6 +240,88 @@ def convert(
                     f"{summary['output']}")
     for note in summary["warnings"]:
         sink.warning(note)
+
+
+def _convert_task(source: Path, output: Path, index: int, options, as_json: bool) -> None:
+    from .scaleout import run_task
+
+    with sink.progress(f"task {index}") as progress:
+        report = run_task(source, output, index, options=options, on_progress=progress, on_phase=sink.phase)
+    summary = report.summary()
+    if as_json:
+        sink.data(summary)
+    else:
+        before = summary["finished_before"]
+        kept = f" ({before} finished before, re-hashed and kept)" if before else ""
+        sink.result(f"task {index} of 0-{summary['tasks'] - 1} done: {len(summary['shards'])} shard(s), "
+                    f"{_human(summary['output_bytes'])}{kept} in {summary['seconds']:.1f} s with "
+                    f"{summary['workers']} worker(s), peak RSS {_human(summary['peak_rss_bytes'])} -> "
+                    f"{summary['output']} (w4a8conv commit {output} when every task is done)")
+    for note in summary["warnings"]:
+        sink.warning(note)
+
+
+@app.command()
+def plan(
+    source: SrcArg,
+    output: OutArg,
+    tasks: Annotated[int, typer.Option("--tasks", min=1, metavar="N", show_default=False,
+                                       help="Tasks to cut the conversion into (whole shards, balanced by "
+                                            "bytes).")],
+    max_shard_size: SizeOpt = "4GB",
+    model_dtype: DtypeOpt = None,
+    group_size: GroupOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Validate the source and write a distributed conversion's plan into OUTPUT; print its N tasks."""
+    _begin("plan", "plan", quiet=quiet, verbose=verbose, as_json=as_json)
+    sink.phase(f"reading {source}")
+    from .api import ConvertOptions
+    from .scaleout import plan as run
+
+    options = ConvertOptions(max_shard_bytes=max_shard_size, model_dtype=model_dtype, group_size=group_size,
+                             force=force)
+    summary = run(source, output, tasks, options=options, on_phase=sink.phase).summary()
+    if as_json:
+        sink.data(summary)
+        return
+    sink.result(f"planned {len(summary['tasks'])} task(s), {summary['shards']} shard(s), "
+                f"{_human(summary['write_bytes'])} -> {summary['plan_file']}")
+    for item in summary["tasks"]:
+        shards = item["shards"]
+        sink.result(f"task {item['index']}: {len(shards)} shard(s), {_human(item['bytes'])}, "
+                    f"~{_human(item['peak_memory_bytes'])} peak memory: {', '.join(shards[:3])}"
+                    + (", ..." if len(shards) > 3 else ""))
+    sink.result(f"run: w4a8conv convert {source} {output} --task I (I from 0 to {len(summary['tasks']) - 1}, "
+                f"with the same options), then: w4a8conv commit {output}")
+    for note in summary["warnings"]:
+        sink.warning(note)
+
+
+@app.command()
+def commit(
+    output: Annotated[Path, typer.Argument(help="The output directory of a plan whose tasks ran.",
+                                           show_default=False)],
+    source: Annotated[Optional[Path], typer.Option(
+        help="The source, where this host sees it elsewhere than the plan recorded.")] = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Check every planned shard against its task's journal, then write the index and the stamped
+    description; exit 6 naming the tasks not finished."""
+    _begin("commit", "commit", quiet=quiet, verbose=verbose, as_json=as_json)
+    from .scaleout import commit as run
+
+    summary = run(output, source=source, on_phase=sink.phase).summary()
+    if as_json:
+        sink.data(summary)
+        return
+    sink.result(f"committed {summary['tasks']} task(s): {summary['shards']} shard(s), "
+                f"{_human(summary['output_bytes'])} -> {summary['output']}")
 
 
 @app.command()
@@ -383,8 +488,11 @@ def _failure(code: int, error: str, message: str, exc: BaseException | None = No
     sink.error(message)
     if _running.as_json:
         file = getattr(exc, "file", None)
-        sink.data({"ok": False, "exit_code": code, "error": error, "message": message,
-                   "file": str(file) if file is not None else None, "tensor": getattr(exc, "tensor", None)})
+        record = {"ok": False, "exit_code": code, "error": error, "message": message,
+                  "file": str(file) if file is not None else None, "tensor": getattr(exc, "tensor", None)}
+        if hasattr(exc, "tasks"):  # a commit's unfinished tasks, by index
+            record["tasks"] = exc.tasks
+        sink.data(record)
     return code
 
 

@@ -72,3 +72,4 @@ class ExitCode(IntEnum):
     INVALID_INPUT = 3
     IO_FAILURE = 4
     VERIFY_FAILED = 5
+    INCOMPLETE = 6  # commit: a planned task is not finished, or its shards were altered

@@ -7,7 +7,7 @@ from .constants import ExitCode
 
 __all__ = [
     "W4A8Error", "UsageError", "InvalidCheckpointError", "UnsupportedSplitError",
-    "OutputLocationError", "WriteError", "NotConvertedError", "ServingError",
+    "OutputLocationError", "WriteError", "NotConvertedError", "ServingError", "IncompleteOutputError",
 ]
 
 
@@ -54,6 +54,16 @@ class WriteError(W4A8Error):
     """Writing the output failed (disk full, permissions); nothing complete was left behind."""
 
     exit_code = ExitCode.IO_FAILURE
+
+
+class IncompleteOutputError(W4A8Error):
+    """A distributed run's commit found planned tasks unfinished or their shards altered (`tasks`: their indices)."""
+
+    exit_code = ExitCode.INCOMPLETE
+
+    def __init__(self, message: str, *, tasks: list[int]):
+        super().__init__(message)
+        self.tasks = tasks
 
 
 class ServingError(W4A8Error):

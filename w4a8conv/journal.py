@@ -14,9 +14,17 @@ from pathlib import Path
 from .errors import OutputLocationError
 from .files import write_json_atomic
 
-__all__ = ["JOURNAL_NAME", "WrittenShard", "Journal", "sha256_file", "source_files_identity"]
+__all__ = ["JOURNAL_NAME", "PLAN_NAME", "task_journal_name", "WrittenShard", "Journal", "sha256_file",
+           "source_files_identity"]
 
-JOURNAL_NAME = ".w4a8conv-journal.json"
+JOURNAL_NAME = ".w4a8conv-journal.json"  # a single-host run's
+PLAN_NAME = ".w4a8conv-plan.json"  # a distributed run's plan: its tasks, the source and the options (tasks.py)
+_TASK_JOURNAL = ".w4a8conv-journal-task-{index:05d}.json"
+
+
+def task_journal_name(index: int) -> str:
+    """The journal of task `index` of a distributed run: each task records its own shards."""
+    return _TASK_JOURNAL.format(index=index)
 _HASH_BLOCK = 16 * 2**20
 
 
@@ -58,21 +66,23 @@ class Journal:
     done: dict[str, dict]
 
     @classmethod
-    def start(cls, output: Path, source_fingerprint: str, source_files: str, plan_fp: str) -> "Journal":
-        journal = cls(output / JOURNAL_NAME, source_fingerprint, source_files, plan_fp, {})
+    def start(cls, output: Path, source_fingerprint: str, source_files: str, plan_fp: str, *,
+              name: str = JOURNAL_NAME) -> "Journal":
+        journal = cls(output / name, source_fingerprint, source_files, plan_fp, {})
         journal.save()
         return journal
 
     @classmethod
-    def resume(cls, output: Path, source_fingerprint: str, source_files: str, plan_fp: str) -> "Journal":
-        path = output / JOURNAL_NAME
+    def resume(cls, output: Path, source_fingerprint: str, source_files: str, plan_fp: str, *,
+               name: str = JOURNAL_NAME) -> "Journal":
+        path = output / name
         try:
             raw = json.loads(path.read_text())
             journal = cls(path, raw["source_fingerprint"], raw["source_files"], raw["plan_fingerprint"],
                           {str(k): {"bytes": int(v["bytes"]), "sha256": str(v["sha256"])}
                            for k, v in raw["shards"].items()})
         except FileNotFoundError:
-            raise OutputLocationError(f"{output}: nothing to resume (no {JOURNAL_NAME}); "
+            raise OutputLocationError(f"{output}: nothing to resume (no {name}); "
                                       "start a new conversion") from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise OutputLocationError(f"{path}: unreadable journal ({exc}); use --force to start over") from None

@@ -2,17 +2,18 @@
 
 1. `OutputRoute.check`: the first look, before the source's data is read: an unsafe location (the
    source, inside it, around it) or an occupied one is refused; nothing is written.
-2. `OutputRoute.prepare`: create the directory and hold its exclusive lock; look again under it and
-   clear a previous output (`--force`); measure the free disk once and refuse a run that cannot fit;
-   start the journal (or resume it). Yields the `PreparedOutput` the next steps run on.
-3. `PreparedOutput.write`: the shards, through the engine, each journaled as it lands; a source found
+2. `OutputRoute.prepare`: create the directory and hold its exclusive lock (`claim`); look again under
+   it and clear a previous output (`--force`); measure the free disk once and refuse a run that cannot
+   fit; start the journal (or resume it). Yields the `PreparedOutput` the next steps run on.
+3. `PreparedOutput.write`: its shards, through the engine, each journaled as it lands; a source found
    bad on the way removes what the run wrote (nothing of it is worth resuming).
-4. `PreparedOutput.commit`: the copied files, the rewritten JSON, the index, then the stamped
-   description last (the completion marker); the journal goes.
+4. `OutputRoute.commit`: the copied files, the rewritten JSON, the index, then the stamped description
+   last (the completion marker); the run's journal (or plan and task journals) removed after it.
 
-A single-host conversion runs the steps in this order in one process. Each is its own call with its
-inputs explicit (the plan, the journal, the written shards' records), so a distributed run can call
-them as its plan (1-2), tasks (3) and commit (4), carrying the journal and those records between hosts.
+A single-host conversion runs the steps in this order in one process. A distributed run (`tasks.py`,
+`scaleout.py`) calls them apart: its plan `claim`s the directory without a journal, each task
+`prepare_part`s its own shards (the directory shared with the other tasks, a journal of its own),
+and its commit holds the directory `locked` and commits the records the task journals hold.
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ from pathlib import Path
 from .constants import DESCRIPTION_NAME, INDEX_NAME, LAYOUT_NAME, LAYOUT_VERSION, STAMP_KEY
 from .engine import run_shards
 from .errors import InvalidCheckpointError, OutputLocationError, WriteError
-from .files import copy_file_atomic, write_json_atomic
-from .journal import JOURNAL_NAME, Journal, WrittenShard, source_files_identity
+from .files import copy_file_atomic, partial_name, write_json_atomic
+from .journal import JOURNAL_NAME, PLAN_NAME, Journal, WrittenShard, source_files_identity
 from .plan import Plan
 from .resources import free_disk_bytes
 from .stamp import Stamp
@@ -37,7 +38,8 @@ from .writer import ShardPlan, assign_shards, plan_fingerprint
 
 __all__ = ["OutputRoute", "PreparedOutput"]
 
-_OWN_FILE = re.compile(r"^(model-\d{5}-of-\d{5}\.safetensors|\..+\.partial)$")
+# What a previous run may have left (--force removes it): shards, partial files, a distributed run's task journals.
+_OWN_FILE = re.compile(r"^(model-\d{5}-of-\d{5}\.safetensors|\..+\.partial|\.w4a8conv-journal-task-\d{5}\.json)$")
 
 
 @dataclass(frozen=True)
@@ -71,18 +73,63 @@ class OutputRoute:
         self._check_location(resume=resume, force=force, remove=False)
 
     @contextlib.contextmanager
-    def prepare(self, *, resume: bool, force: bool, warnings: list[str]) -> Iterator["PreparedOutput"]:
-        """Step 2: the directory created, locked for the whole `with`, cleared or resumed, its disk checked."""
+    def claim(self, *, resume: bool, force: bool, warnings: list[str]) -> Iterator[tuple[bool, int | None]]:
+        """Step 2 without a journal: the directory created, locked for the whole `with`, looked at again and
+        cleared (`--force`), its disk checked for every shard; yields (created by this run, free bytes)."""
         created = not self.output.exists()
         try:
             self.output.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputLocationError(f"{self.output}: cannot create: {exc.strerror or exc}") from None
-        with _exclusive_lock(self.output, warnings):
+        with _directory_lock(self.output, warnings, shared=False):
             # Under the lock, look again: another run may have filled the directory since the first look.
             self._check_location(resume=resume, force=force, remove=True)
-            free = self._check_disk(created)
-            yield PreparedOutput(self, self._journal(resume), created, free)
+            yield created, self._check_disk(created, self.shards)
+
+    @contextlib.contextmanager
+    def prepare(self, *, resume: bool, force: bool, warnings: list[str]) -> Iterator["PreparedOutput"]:
+        """Step 2: the directory claimed, the journal started or resumed."""
+        with self.claim(resume=resume, force=force, warnings=warnings) as (created, free):
+            stale = sorted(self.output.glob(".*.partial"))
+            yield PreparedOutput(self, self._journal(resume, JOURNAL_NAME, stale), created, free, tuple(self.shards))
+
+    @contextlib.contextmanager
+    def prepare_part(self, shards: list[ShardPlan], journal_name: str,
+                     warnings: list[str]) -> Iterator["PreparedOutput"]:
+        """Step 2 for a part of the output (a task of a distributed run) in a directory its plan made: a
+        shared lock (other parts run alongside; a single-host run or a commit, which lock it exclusively,
+        are refused meanwhile), the disk checked for these shards, the part's own journal resumed when
+        there is one (its own partial files removed, never another part's) or started."""
+        with _directory_lock(self.output, warnings, shared=True):
+            free = self._check_disk(False, shards)
+            stale = [self.output / partial_name(name) for name in (*(s.file_name for s in shards), journal_name)]
+            journal = self._journal((self.output / journal_name).is_file(), journal_name, stale)
+            yield PreparedOutput(self, journal, False, free, tuple(shards))
+
+    @contextlib.contextmanager
+    def locked(self, warnings: list[str]) -> Iterator[None]:
+        """The existing directory held exclusively (a distributed run's commit: no task may be running)."""
+        if not self.output.is_dir():
+            raise OutputLocationError(f"{self.output}: is not a directory")
+        with _directory_lock(self.output, warnings, shared=False):
+            yield
+
+    def commit(self, stamp: Stamp, bookkeeping: list[Path]) -> None:
+        """Step 4: the copied files, the index, then the description carrying `stamp`; then the run's
+        `bookkeeping` files (its journal, or a distributed run's plan and task journals) removed."""
+        output = self.output
+        for extra in self.copied:
+            copy_file_atomic(extra, output / extra.name)
+        for name, content in self.plan.source.rewritten_json.items():
+            write_json_atomic(output / name, content)
+        weight_map = {t.name: shard.file_name for shard in self.shards for t in shard.tensors}
+        write_json_atomic(output / INDEX_NAME, {"metadata": {"total_size": self.write_bytes},
+                                                "weight_map": weight_map})
+        description = self.plan.output_description()
+        description[STAMP_KEY] = stamp.to_json()
+        write_json_atomic(output / DESCRIPTION_NAME, description)
+        for path in bookkeeping:
+            _remove(path, "a record of the finished run", WriteError)
 
     def _check_location(self, *, resume: bool, force: bool, remove: bool) -> None:
         """Refuse unsafe locations; with --force and `remove`, clear a previous output's files (and nothing else)."""
@@ -99,7 +146,7 @@ class OutputRoute:
         if not force:
             raise OutputLocationError(f"{output}: exists and is not empty (use --resume to finish an interrupted "
                                       "conversion, or --force to replace a previous one)")
-        ours = {INDEX_NAME, DESCRIPTION_NAME, JOURNAL_NAME, *(p.name for p in self.copied),
+        ours = {INDEX_NAME, DESCRIPTION_NAME, JOURNAL_NAME, PLAN_NAME, *(p.name for p in self.copied),
                 *self.plan.source.rewritten_json}
         foreign = [p.name for p in entries
                    if (p.name not in ours and not _OWN_FILE.match(p.name)) or (p.is_dir() and not p.is_symlink())]
@@ -110,68 +157,63 @@ class OutputRoute:
             for entry in entries:
                 _remove(entry, "the previous output's file (--force)", OutputLocationError)
 
-    def _check_disk(self, created: bool) -> int | None:
-        """The free bytes, measured once; refused (and a directory this run made removed) when short."""
+    def _check_disk(self, created: bool, shards: list[ShardPlan]) -> int | None:
+        """The free bytes, measured once; refused (and a directory this run made removed) when short of
+        what `shards` still need."""
         free = free_disk_bytes(self.output)
-        present = sum((self.output / s.file_name).stat().st_size for s in self.shards
+        present = sum((self.output / s.file_name).stat().st_size for s in shards
                       if (self.output / s.file_name).is_file())
-        if free is not None and free < self.write_bytes - present:
+        needed = sum(s.data_bytes for s in shards) - present
+        if free is not None and free < needed:
             if created:
                 self.output.rmdir()
-            raise WriteError(f"{self.output}: needs {self.write_bytes - present} more bytes, the file system has "
-                             f"{free} free")
+            raise WriteError(f"{self.output}: needs {needed} more bytes, the file system has {free} free")
         return free
 
-    def _journal(self, resume: bool) -> Journal:
+    def journal_keys(self) -> tuple[str, str, str]:
+        """What a journal (and a distributed plan) is keyed to: the source's fingerprint, its weight files'
+        identity on disk, and the plan fingerprint (shard cut, tensors, dtypes, recipes)."""
         source = self.plan.source
-        keys = (self.output, source.fingerprint(), source_files_identity(list(source.weight_files)),
+        return (source.fingerprint(), source_files_identity(list(source.weight_files)),
                 plan_fingerprint(self.shards, self.metadata))
+
+    def _journal(self, resume: bool, name: str, stale: list[Path]) -> Journal:
         if not resume:
-            return Journal.start(*keys)
-        journal = Journal.resume(*keys)
-        for stale in self.output.glob(".*.partial"):
-            _remove(stale, "a partial file of the interrupted run", WriteError)
+            return Journal.start(self.output, *self.journal_keys(), name=name)
+        journal = Journal.resume(self.output, *self.journal_keys(), name=name)
+        for path in stale:
+            _remove(path, "a partial file of the interrupted run", WriteError)
         return journal
 
 
 @dataclass(frozen=True)
 class PreparedOutput:
-    """The output directory after step 2: locked (while `prepare`'s `with` lasts), journaled, disk checked."""
+    """The output directory after step 2: locked (while the `with` lasts), journaled, disk checked."""
 
     route: OutputRoute
     journal: Journal
     created: bool  # this run made the directory
     disk_free_bytes: int | None  # as measured by the disk check
+    shards: tuple[ShardPlan, ...]  # what this run writes: every shard, or one task's
 
     def write(self, workers: int, on_bytes: Callable[[int], None]) -> list[WrittenShard]:
-        """Step 3: every shard the journal does not hold yet; all of them returned in plan order."""
+        """Step 3: every shard of this run the journal does not hold yet; all of them returned in plan order."""
         route = self.route
         try:
-            return run_shards(route.output, route.shards, route.metadata, route.plan.source.tensors, self.journal,
-                              workers, on_bytes)
+            return run_shards(route.output, list(self.shards), route.metadata, route.plan.source.tensors,
+                              self.journal, workers, on_bytes)
         except InvalidCheckpointError:
             # The source itself is bad (a weight found out of range): nothing here is worth resuming.
             with contextlib.suppress(OSError):  # best effort: the error to report is the source's
-                for name in [s.file_name for s in route.shards] + [JOURNAL_NAME]:
-                    (route.output / name).unlink(missing_ok=True)
+                for path in [route.output / s.file_name for s in self.shards] + [self.journal.path]:
+                    path.unlink(missing_ok=True)
                 if self.created:
                     route.output.rmdir()
             raise
 
     def commit(self, stamp: Stamp) -> None:
-        """Step 4: the copied files, the index, then the description carrying `stamp`; the journal removed."""
-        route, output = self.route, self.route.output
-        for extra in route.copied:
-            copy_file_atomic(extra, output / extra.name)
-        for name, content in route.plan.source.rewritten_json.items():
-            write_json_atomic(output / name, content)
-        weight_map = {t.name: shard.file_name for shard in route.shards for t in shard.tensors}
-        write_json_atomic(output / INDEX_NAME, {"metadata": {"total_size": route.write_bytes},
-                                                "weight_map": weight_map})
-        description = route.plan.output_description()
-        description[STAMP_KEY] = stamp.to_json()
-        write_json_atomic(output / DESCRIPTION_NAME, description)
-        _remove(self.journal.path, "the journal of the finished run", WriteError)
+        """Step 4 of a single-host run: `OutputRoute.commit`, the journal removed last."""
+        self.route.commit(stamp, [self.journal.path])
 
 
 def _existing_entries(output: Path) -> list[Path] | None:
@@ -190,9 +232,17 @@ def _existing_entries(output: Path) -> list[Path] | None:
         raise OutputLocationError(f"{output}: cannot list: {exc.strerror or exc}") from None
 
 
+_HELD = {  # who holds the lock a run could not take, by the lock that run wanted
+    False: "another w4a8conv run is writing into this directory (it holds the directory's lock); wait for it "
+           "to end, or stop it and use --resume",
+    True: "a single-host run or a commit holds this directory's lock; wait for it to end",
+}
+
+
 @contextlib.contextmanager
-def _exclusive_lock(output: Path, warnings: list[str]) -> Iterator[None]:
-    """flock(2) on the output directory for the whole run: a second run into it is refused at once.
+def _directory_lock(output: Path, warnings: list[str], *, shared: bool) -> Iterator[None]:
+    """flock(2) on the output directory for the whole run: exclusive for a run that owns the directory
+    (a second run into it is refused at once), shared for the tasks of a distributed run.
 
     The kernel drops the lock when the process dies (SIGKILL included). On a file system without
     flock support the run goes on unlocked and says so (docs/reliability.md, "Concurrent runs")."""
@@ -202,11 +252,9 @@ def _exclusive_lock(output: Path, warnings: list[str]) -> Iterator[None]:
         raise OutputLocationError(f"{output}: cannot open: {exc.strerror or exc}") from None
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise OutputLocationError(f"{output}: another w4a8conv run is writing into this directory (it holds "
-                                      "the directory's lock); wait for it to end, or stop it and use "
-                                      "--resume") from None
+            raise OutputLocationError(f"{output}: {_HELD[shared]}") from None
         except OSError as exc:
             warnings.append(f"{output}: the file system does not support locks ({exc.strerror or exc}); a second "
                             "run into this directory is not excluded")
