@@ -5,15 +5,15 @@
 Spawned worker processes import this file again as `__mp_main__`, so the patches below apply in them
 too (`slow`, `kill-worker`). Faults:
 
-  enospc-shard ARG        os.write in w4a8conv.writer fails with ENOSPC after 100 bytes of the shard
+  enospc-shard ARG        os.pwrite in w4a8conv.staging fails with ENOSPC after 100 bytes of the shard
                           whose name contains ARG
   enospc-index            writing model.safetensors.index.json fails with ENOSPC
   sigkill-before-record N SIGKILL after the N-th shard is renamed into place, before the journal records it
   sigkill-before-description / sigkill-after-description
                           SIGKILL just before / just after the stamped description is written
-  sigterm-mid-shard N     SIGTERM to itself at the N-th produced piece (workers 1)
-  slow SECONDS            every produced piece takes SECONDS longer (for signals sent from outside)
-  kill-worker N           a worker process SIGKILLs itself at its N-th piece (the OOM killer)
+  sigterm-mid-shard N     SIGTERM to itself at the N-th produced tensor (workers 1)
+  slow SECONDS            every produced tensor takes SECONDS longer (for signals sent from outside)
+  kill-worker N           a worker process SIGKILLs itself at its N-th tensor (the OOM killer)
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ import w4a8conv.engine as engine
 import w4a8conv.files as files
 import w4a8conv.journal as journal
 import w4a8conv.route as route
+import w4a8conv.staging as staging
 import w4a8conv.writer as writer
 from w4a8conv.constants import DESCRIPTION_NAME, INDEX_NAME
 
@@ -65,6 +66,13 @@ class FullDiskOs:
             self.watched[fd] += len(data)
         return os.write(fd, data)
 
+    def pwrite(self, fd, data, offset):
+        if fd in self.watched:
+            if self.watched[fd] + len(data) > self.after:
+                raise enospc()
+            self.watched[fd] += len(data)
+        return os.pwrite(fd, data, offset)
+
     def close(self, fd):
         self.watched.pop(fd, None)
         return os.close(fd)
@@ -79,11 +87,10 @@ def _patch_produce(hook) -> None:
     original = engine.produce
     count = [0]
 
-    def produce(tensor, reader, tensors):
-        for piece in original(tensor, reader, tensors):
-            count[0] += 1
-            hook(count[0])
-            yield piece
+    def produce(tensor, producer, tensors, staged):
+        count[0] += 1
+        hook(count[0])
+        original(tensor, producer, tensors, staged)
     engine.produce = produce
 
 
@@ -98,7 +105,7 @@ def _patch_json(hook) -> None:
 
 
 if FAULT == "enospc-shard":
-    writer.os = FullDiskOs(ARG)
+    writer.os = staging.os = FullDiskOs(ARG)  # the shard is opened by the writer, written by staging
 elif FAULT == "enospc-index":
     class _FullFile:
         def __init__(self, f):

@@ -957,6 +957,26 @@ def test_workers_are_capped_at_the_shards_and_the_usable_cpus(tmp_path):
     assert "with 1 worker(s) (of 1000 requested: 1 shard(s)" in " ".join(run.stdout.split()), run.describe()
 
 
+def test_the_default_is_one_worker_per_two_usable_cpus_and_the_summary_says_so(tmp_path, monkeypatch):
+    """Without --workers: one worker per two usable CPUs (a worker keeps two busy), one per shard at most."""
+    import w4a8conv.resources as resources
+    from w4a8conv.api import ConvertOptions, convert as api_convert
+
+    src = build("v1", tmp_path / "src")
+    for cpus, expected in ((1, 1), (2, 1), (5, 2), (64, 4)):  # the plan below has 4 shards
+        monkeypatch.setattr(resources, "usable_cpus", lambda cpus=cpus: cpus)
+        plan = api_convert(src, tmp_path / f"dry-{cpus}", options=ConvertOptions(max_shard_bytes=20_000, dry_run=True))
+        assert len(plan.resources.shards) == 4
+        assert (plan.resources.workers, plan.resources.workers_requested) == (expected, None), cpus
+        assert plan.summary()["workers_choice"] == "default: one per two usable CPUs, one per shard at most"
+    run = run_main("convert", src, tmp_path / "out", "--json")
+    assert run.returncode == 0, run.describe()
+    summary = json.loads(run.stdout)
+    assert summary["workers_requested"] is None and summary["workers_choice"].startswith("default")
+    run = run_main("convert", src, tmp_path / "out2")
+    assert "(default: one per two usable CPUs, one per shard at most;" in " ".join(run.stdout.split()), run.describe()
+
+
 def test_reliability_doc_lists_every_case():
     doc = (REPO / "docs" / "reliability.md").read_text()
     assert not [c.id for c in CASES if f"`{c.id}`" not in doc]

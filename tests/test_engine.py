@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -53,12 +54,11 @@ _KILLER = textwrap.dedent("""
     original = engine.produce
     seen = [0]
 
-    def produce(tensor, reader, tensors):
-        for piece in original(tensor, reader, tensors):
-            seen[0] += 1
-            if seen[0] == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)  # mid-shard: a piece of this tensor is written
-            yield piece
+    def produce(tensor, producer, tensors, staged):
+        original(tensor, producer, tensors, staged)
+        seen[0] += 1
+        if seen[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # mid-shard: this tensor is staged, the shard unfinished
 
     engine.produce = produce
     convert(sys.argv[1], sys.argv[2], options=ConvertOptions(max_shard_bytes=%d, workers=1))
@@ -181,15 +181,31 @@ def test_invalid_weight_found_mid_run_leaves_nothing(preset_source, tmp_path):
 
 
 @pytest.mark.parametrize("preset", ["moe-group-v0", "moe-channel-v0", "linear-v0", "linear-v1", "mixed-v1"])
-def test_workers_receive_every_source_tensor_their_shard_reads(preset_source, preset):
+def test_workers_receive_every_source_tensor_their_shard_reads(preset_source, preset, tmp_path):
     """A worker is sent only the recipes' `sources()` of its shard's tensors; producing from that subset must
     give the same bytes as producing from the whole source."""
     from w4a8conv.plan import make_plan
-    from w4a8conv.produce import produce
+    from w4a8conv.produce import Producer, produce
     from w4a8conv.source import TensorReader, open_source
+    from w4a8conv.staging import StagedFile, StagingPool
+
+    pool = StagingPool(4096)
+
+    def produced(tensor, producer, tensors) -> bytes:
+        path = tmp_path / "one"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            staged = StagedFile(pool, fd)
+            produce(tensor, producer, tensors, staged)
+            staged.finish()
+        finally:
+            os.close(fd)
+        return path.read_bytes()
 
     src = open_source(preset_source(preset))
     with TensorReader() as reader:
         for tensor in make_plan(src).tensors:
             subset = {n: src.tensors[n] for n in tensor.recipe.sources().values()}
-            assert b"".join(produce(tensor, reader, subset)) == b"".join(produce(tensor, reader, src.tensors))
+            whole = produced(tensor, Producer(reader), src.tensors)
+            assert len(whole) == tensor.nbytes
+            assert produced(tensor, Producer(reader), subset) == whole

@@ -14,6 +14,7 @@ from w4a8conv.errors import WriteError
 from w4a8conv.journal import sha256_file
 from w4a8conv.plan import CopyBytes, OutputTensor
 from w4a8conv.source.safetensors_file import TensorRef
+from w4a8conv.staging import StagingPool
 from w4a8conv.writer import ShardPlan, assign_shards, plan_fingerprint, shard_header, write_shard
 
 METADATA = {"format": "pt", "w4a8conv": "w4a8conv-npu-ready/2"}
@@ -44,7 +45,8 @@ def fixed_shard(directory: Path):
     tensors = tuple(tensor(n, dtype, tuple(v.shape)) for n, (dtype, v) in FIXED.items())
     shard = ShardPlan("model-00001-of-00001.safetensors", tensors)
     data = {n: memoryview(v.contiguous().view(torch.uint8).numpy()).cast("B") for n, (_d, v) in FIXED.items()}
-    return shard, write_shard(directory, shard, METADATA, lambda t: [data[t.name]])
+    # 64-byte staging buffers: the header and the data cross buffer boundaries mid-tensor
+    return shard, write_shard(directory, shard, METADATA, StagingPool(64), lambda t, out: out.write(data[t.name]))
 
 
 def test_a_small_shard_has_its_golden_bytes(tmp_path):
@@ -101,14 +103,14 @@ def test_plan_fingerprint_follows_what_decides_the_bytes():
 def test_a_short_tensor_fails_and_leaves_no_file(tmp_path):
     shard = ShardPlan("model-00001-of-00001.safetensors", (tensor("x", "I32", (4,)),))
     with pytest.raises(AssertionError, match="produced 8 bytes, the plan says 16"):
-        write_shard(tmp_path, shard, METADATA, lambda _t: [memoryview(bytes(8))])
+        write_shard(tmp_path, shard, METADATA, StagingPool(64), lambda _t, out: out.write(bytes(8)))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_an_unwritable_directory_is_a_write_error_naming_the_shard(tmp_path):
     shard = ShardPlan("model-00001-of-00001.safetensors", (tensor("x", "U8", (1,)),))
     with pytest.raises(WriteError, match=r"model-00001-of-00001\.safetensors: cannot write"):
-        write_shard(tmp_path / "missing", shard, METADATA, lambda _t: [memoryview(b"\x01")])
+        write_shard(tmp_path / "missing", shard, METADATA, StagingPool(64), lambda _t, out: out.write(b"\x01"))
 
 
 def test_sha256_file_is_the_plain_digest(tmp_path):

@@ -1,7 +1,6 @@
 """The verbs the CLI, CI scripts and the runtime share: `convert` and `inspect`."""
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -39,7 +38,7 @@ class ConvertOptions:
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
     model_dtype: str | None = None  # overrides config.json's torch_dtype
     group_size: int | None = None   # states the group size of a description that has none
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    workers: int | None = None  # None: one per two usable CPUs (`resources.default_workers`)
     resume: bool = False  # finish an interrupted conversion into the same directory
     force: bool = False   # replace a previous w4a8conv output in the directory
     dry_run: bool = False  # validate and plan; write nothing
@@ -67,7 +66,8 @@ class ConvertReport:
             "tensors_passed_through": self.tensors_passed_through, "source_bytes": self.source_bytes,
             "output_bytes": self.output_bytes, "seconds": round(self.seconds, 3),
             "peak_rss_bytes": self.peak_rss_bytes, "workers": self.resources.workers,
-            "workers_requested": self.resources.workers_requested, "usable_cpus": usable_cpus(),
+            "workers_requested": self.resources.workers_requested,
+            "workers_choice": self.resources.summary()["workers_choice"], "usable_cpus": usable_cpus(),
             "plan": self.resources.summary(), "warnings": self.warnings,
         }
 
@@ -107,6 +107,8 @@ def build_stamp(plan: Plan, shards: list[WrittenShard], source_fingerprint: str)
 
 def _check_options(options: ConvertOptions) -> None:
     for name, value in (("max_shard_bytes", options.max_shard_bytes), ("workers", options.workers)):
+        if value is None and name == "workers":
+            continue
         if type(value) is not int or not 1 <= value <= MAX_OPTION_VALUE:
             raise UsageError(f"{name} {value!r} is not an integer from 1 to {MAX_OPTION_VALUE}")
 
@@ -177,7 +179,7 @@ def _is_converted(path: Path) -> bool:
 
 
 def _inspect_source(path: Path, model_dtype: str | None, group_size: int | None,
-                    plan_for: tuple[int, int] | None) -> dict:
+                    plan_for: tuple[int, int | None] | None) -> dict:
     src = open_source(path, model_dtype=model_dtype, group_size=group_size)
     plan = make_plan(src)
     resources = None

@@ -62,7 +62,7 @@ DtypeOpt = Annotated[Optional[str], typer.Option(
 GroupOpt = Annotated[Optional[int], typer.Option(
     "--group-size", min=0, help="Group size of a description that names none (checked against the shapes; "
                                 "default: inferred from them).")]
-WorkersDefault = os.cpu_count() or 1
+WorkersDefault: int | None = None  # one per two usable CPUs, one per shard at most (resources.default_workers)
 _IMPORTED = time.monotonic()
 
 # What an interrupted command leaves behind, by what it does.
@@ -156,7 +156,10 @@ SizeOpt = Annotated[int, typer.Option("--max-shard-size", parser=parse_size, met
 
 
 def _capped(summary: dict) -> str:
-    """Why fewer workers ran than were asked for: one per shard at most, one per usable CPU at most."""
+    """How the worker count was chosen: the default rule, or why fewer ran than were asked for (one per
+    shard at most, one per usable CPU at most)."""
+    if summary["workers_requested"] is None:
+        return f" ({summary['workers_choice']}; {summary['usable_cpus']} usable CPU(s))"
     if summary["workers"] == summary["workers_requested"]:
         return ""
     return (f" (of {summary['workers_requested']} requested: {summary['shards']} shard(s), "
@@ -185,8 +188,8 @@ def convert(
     source: SrcArg,
     output: OutArg,
     max_shard_size: SizeOpt = "4GB",
-    workers: Annotated[int, typer.Option(min=1, show_default="CPU cores",
-                                         help="Shards converted in parallel processes.")] = WorkersDefault,
+    workers: Annotated[int | None, typer.Option(min=1, show_default="one per two usable CPUs",
+                                                help="Shards converted in parallel processes.")] = WorkersDefault,
     resume: Annotated[bool, _flag("--resume", help="Finish an interrupted conversion in OUTPUT.")] = False,
     force: ForceOpt = False,
     dry_run: Annotated[bool, _flag("--dry-run", help="Validate and print the plan; write nothing.")] = False,
@@ -330,8 +333,8 @@ def inspect(
         help="An msModelSlim source directory (validated) or a directory w4a8conv converted.", show_default=False)],
     plan: Annotated[bool, _flag("--plan", help="Also print the conversion plan of a source.")] = False,
     max_shard_size: SizeOpt = "4GB",
-    workers: Annotated[int, typer.Option(min=1, show_default="CPU cores",
-                                         help="Workers the plan assumes.")] = WorkersDefault,
+    workers: Annotated[int | None, typer.Option(min=1, show_default="one per two usable CPUs",
+                                                help="Workers the plan assumes.")] = WorkersDefault,
     model_dtype: DtypeOpt = None,
     group_size: GroupOpt = None,
     as_json: JsonOpt = False,

@@ -13,11 +13,10 @@ import queue as queue_module
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import resource_tracker
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,24 +24,13 @@ import torch
 from .errors import WriteError
 from .files import partial_name
 from .journal import Journal, WrittenShard, sha256_file
-from .produce import produce
+from .produce import Producer, produce, torch_threads
 from .source.reader import TensorReader
 from .source.safetensors_file import TensorRef
+from .staging import StagingPool
 from .writer import ShardPlan, write_shard
 
 __all__ = ["run_shards"]
-
-
-@contextmanager
-def _torch_threads(count: int) -> Iterator[None]:
-    """The transforms are many small ops; torch's intra-op pool only adds hand-offs (and spinning on a
-    busy machine), so conversion runs them single-threaded and restores the caller's setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 _PR_SET_PDEATHSIG = 1
@@ -67,21 +55,24 @@ def _init_worker(progress, parent: int) -> None:
     for signum in (signal.SIGINT, signal.SIGHUP):  # Ctrl-C and a hangup reach the parent, which stops the workers
         signal.signal(signum, signal.SIG_IGN)
     torch.set_num_threads(1)  # one shard per core; intra-op threads would oversubscribe
-    _WORKER.update(progress=progress, reader=TensorReader())
+    _WORKER.update(progress=progress, producer=Producer(TensorReader()), pool=StagingPool())
 
 
 def _worker_shard(output: Path, shard: ShardPlan, metadata: dict[str, str],
                   tensors: Mapping[str, TensorRef]) -> WrittenShard:
-    return _write(output, shard, metadata, _WORKER["reader"], tensors, _WORKER["progress"].put)
+    return _write(output, shard, metadata, _WORKER["producer"], _WORKER["pool"], tensors, _WORKER["progress"].put)
 
 
-def _write(output: Path, shard: ShardPlan, metadata: dict[str, str], reader: TensorReader,
+def _write(output: Path, shard: ShardPlan, metadata: dict[str, str], producer: Producer, pool: StagingPool,
            tensors: Mapping[str, TensorRef], report: Callable[[int], None]) -> WrittenShard:
-    def pieces(tensor):
-        for piece in produce(tensor, reader, tensors):
-            yield piece
-            report(len(piece))
-    return write_shard(output, shard, metadata, pieces)
+    """One shard: its sources announced for read-ahead, each tensor produced into the staging buffers."""
+    producer.forget()
+    producer.announce(shard.tensors, tensors)
+
+    def one(tensor, staged):
+        produce(tensor, producer, tensors, staged)
+        report(tensor.nbytes)
+    return write_shard(output, shard, metadata, pool, one)
 
 
 def run_shards(output: Path, shards: list[ShardPlan], metadata: dict[str, str], tensors: Mapping[str, TensorRef],
@@ -92,9 +83,10 @@ def run_shards(output: Path, shards: list[ShardPlan], metadata: dict[str, str], 
         on_bytes(next(s.data_bytes for s in shards if s.file_name == name))
     todo = [s for s in shards if s.file_name not in done]
     if workers <= 1 or len(todo) <= 1:
-        with TensorReader() as reader, _torch_threads(1):
+        with TensorReader() as reader, torch_threads(1):
+            producer, pool = Producer(reader), StagingPool() if todo else None
             for shard in todo:
-                written = _write(output, shard, metadata, reader, tensors, on_bytes)
+                written = _write(output, shard, metadata, producer, pool, tensors, on_bytes)
                 journal.record(written)
                 done[written.file_name] = written
     else:

@@ -1,5 +1,7 @@
-"""Executes a plan's recipes: loads the source tensors a recipe needs, applies the pure transform,
-and yields the output tensor's bytes (copied tensors in chunks).
+"""Executes a plan's recipes: loads the source tensors a recipe needs into reused buffers, applies
+the pure transform, and puts the output tensor's bytes into the shard's staging buffers (`staging.py`):
+the expert and Linear weights are transformed straight into them, copied tensors are read straight
+into them, the small outputs are copied there. Nothing is allocated per tensor in the steady state.
 
 Content rules that need tensor data run here (`check_parts`): on scales, offsets and biases in
 `check_small_tensors` before anything is written, and on every value a recipe reads as it converts
@@ -7,9 +9,11 @@ it (the int4 range of version "0" weights, and the small tensors again).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .constants import DOWN_BIAS_CHUNKS
@@ -18,15 +22,28 @@ from .plan import CopyBytes, ExpertTensor, LinearTensor, OutputTensor, Plan, Rec
 from .source.checkpoint import MODEL_DTYPES
 from .source.reader import TensorReader
 from .source.safetensors_file import TORCH_DTYPES, TensorRef
+from .staging import StagedFile
 from .transforms import LINEAR_SPECS, MOE_SPECS, TRANSLATIONS
 from .transforms.rules import (bias_total_violation, finite_violation, fp16_overflow_violation, int4_range_violation,
                                scale_violation, zero_violation)
 from .transforms.scales import fuse_group_scales_fp16, round_to_dtype
+from .transforms.workspace import Workspace
 
-__all__ = ["produce", "memory_bytes", "RECIPES", "RecipeRun", "check_small_tensors", "check_parts",
-           "COPY_CHUNK_BYTES"]
+__all__ = ["produce", "memory_bytes", "RECIPES", "RecipeRun", "Producer", "check_small_tensors", "check_parts",
+           "torch_threads"]
 
-COPY_CHUNK_BYTES = 64 * 2**20
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """The transforms and rules are many small ops; torch's intra-op pool only adds hand-offs (and
+    spinning on a busy machine: 100 times slower on a loaded 2-core host), so producing and checking
+    run them single-threaded and restore the caller's setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 _SMALL_TENSOR_RULES = {
@@ -70,50 +87,115 @@ def _load_checked(reader: TensorReader, tensors: Mapping[str, TensorRef], names:
     return parts
 
 
-def _as_bytes(piece: torch.Tensor, tensor: OutputTensor, shape: tuple[int, ...]) -> memoryview:
-    if tuple(piece.shape) != shape or piece.dtype != TORCH_DTYPES[tensor.dtype]:
+@dataclass
+class Producer:
+    """What producing a shard reuses from one tensor to the next: the reader, a `Workspace` for the
+    transforms' temporaries and the source buffers (one per suffix), and which source tensor each
+    source buffer holds: a weight two outputs read in a row (version "0": the packed words, then the
+    bias) is read and checked once."""
+
+    reader: TensorReader
+    workspace: Workspace = field(default_factory=Workspace)
+    _held: dict[str, tuple] = field(default_factory=dict)  # suffix -> (file, offset, nbytes) in its buffer
+    _parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def announce(self, tensors: Iterable[OutputTensor], refs: Mapping[str, TensorRef]) -> None:
+        """The output tensors about to be produced, in order: their sources are read ahead."""
+        self.reader.announce(refs[name] for t in tensors for name in t.recipe.sources().values())
+
+    def forget(self) -> None:
+        """Drop what the source buffers hold (a new shard or a new run reads everything again)."""
+        self._held.clear()
+        self._parts.clear()
+
+    def load_checked(self, tensors: Mapping[str, TensorRef], names: Mapping[str, str], *, packed_pairs: bool,
+                     model_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """`_load_checked` into the reused source buffers; a part the buffer still holds is not read again."""
+        parts, fresh = {}, set()
+        for suffix, name in names.items():
+            ref = tensors[name]
+            key = (ref.file, ref.offset, ref.nbytes)
+            if self._held.get(suffix) != key:
+                self._held.pop(suffix, None)
+                buffer = self.workspace.array(f"source:{suffix}", (max(ref.nbytes, 1),), np.uint8)
+                self._parts[suffix] = self.reader.load(ref, buffer)
+                self._held[suffix] = key
+                fresh.add(suffix)
+            parts[suffix] = self._parts[suffix]
+        checked = {s: p for s, p in parts.items() if s in fresh or s != "weight"}  # a weight is checked once
+        check_parts(checked, {suffix: tensors[name] for suffix, name in names.items()}, packed_pairs=packed_pairs,
+                    model_dtype=model_dtype)
+        return parts
+
+
+def _checked_piece(piece: torch.Tensor, tensor: OutputTensor) -> torch.Tensor:
+    if tuple(piece.shape) != tensor.shape or piece.dtype != TORCH_DTYPES[tensor.dtype]:
         raise AssertionError(f"{tensor.name}: transform gave {piece.dtype} {list(piece.shape)}, "
-                             f"the plan says {tensor.dtype} {list(shape)}")
-    return memoryview(piece.contiguous().numpy()).cast("B")
+                             f"the plan says {tensor.dtype} {list(tensor.shape)}")
+    return piece
 
 
-def _copy(tensor: OutputTensor, recipe: CopyBytes, reader: TensorReader, _tensors) -> Iterator[memoryview]:
-    for start in range(0, recipe.ref.nbytes, COPY_CHUNK_BYTES):
-        buf = memoryview(bytearray(min(COPY_CHUNK_BYTES, recipe.ref.nbytes - start)))
-        reader.read_into(recipe.ref, buf, start)
-        yield buf
+def _stage(make: Callable[[torch.Tensor | None], torch.Tensor], tensor: OutputTensor, out: StagedFile) -> None:
+    """Run a transform with the staging region as its `out` (a weight is written there directly);
+    a result elsewhere (a small output, a tensor larger than a staging buffer) is copied in."""
+    fits = 0 < tensor.nbytes <= out.capacity
+    region = out.reserve(tensor.nbytes) if fits else None
+    target = torch.frombuffer(region, dtype=torch.int8) if fits else None
+    piece = _checked_piece(make(target), tensor)
+    if not tensor.nbytes:
+        return
+    if target is not None and piece.data_ptr() == target.data_ptr() and piece.is_contiguous():
+        return
+    data = memoryview(piece.contiguous().numpy()).cast("B")
+    if region is not None:
+        region[:] = data
+    else:
+        out.write(data)
 
 
-def _expert(tensor: OutputTensor, recipe: ExpertTensor, reader: TensorReader,
-            tensors: Mapping[str, TensorRef]) -> Iterator[memoryview]:
+def _copy(tensor: OutputTensor, recipe: CopyBytes, producer: Producer, _tensors, out: StagedFile) -> None:
+    """Read straight into the staging buffers, a buffer's free room at a time."""
+    done = 0
+    while done < recipe.ref.nbytes:
+        region = out.reserve_some(recipe.ref.nbytes - done)
+        producer.reader.read_into(recipe.ref, region, done)
+        done += len(region)
+
+
+def _expert(tensor: OutputTensor, recipe: ExpertTensor, producer: Producer, tensors: Mapping[str, TensorRef],
+            out: StagedFile) -> None:
     layer = recipe.layer
     spec = MOE_SPECS[layer.variant]
     is_down = recipe.proj == layer.projections[2]
     names = recipe.sources()
-    parts = _load_checked(reader, tensors, names, packed_pairs=spec.packed_pairs)
-    piece = spec.outputs[recipe.output].make(parts, DOWN_BIAS_CHUNKS if is_down else 1)
-    if recipe.output == "scale_bias" and is_down and spec.down_bias_total:
-        problem = bias_total_violation(piece, parts["scale_bias"])
-        if problem:
-            ref = tensors[names["scale_bias"]]
-            raise InvalidCheckpointError(problem, file=ref.file, tensor=ref.name)
-    if recipe.output == "scale_bias" and not is_down:
-        piece = piece.reshape(-1)  # gate/up bias is [out]; down keeps its 16 chunks
-    yield _as_bytes(piece, tensor, tensor.shape)
+    parts = producer.load_checked(tensors, names, packed_pairs=spec.packed_pairs)
+    chunks = DOWN_BIAS_CHUNKS if is_down else 1
+
+    def make(target: torch.Tensor | None) -> torch.Tensor:
+        piece = spec.outputs[recipe.output].make(parts, chunks, producer.workspace, target)
+        if recipe.output == "scale_bias" and is_down and spec.down_bias_total:
+            problem = bias_total_violation(piece, parts["scale_bias"])
+            if problem:
+                ref = tensors[names["scale_bias"]]
+                raise InvalidCheckpointError(problem, file=ref.file, tensor=ref.name)
+        if recipe.output == "scale_bias" and not is_down:
+            piece = piece.reshape(-1)  # gate/up bias is [out]; down keeps its 16 chunks
+        return piece
+    _stage(make, tensor, out)
 
 
-def _linear(tensor: OutputTensor, recipe: LinearTensor, reader: TensorReader,
-            tensors: Mapping[str, TensorRef]) -> Iterator[memoryview]:
+def _linear(tensor: OutputTensor, recipe: LinearTensor, producer: Producer, tensors: Mapping[str, TensorRef],
+            out: StagedFile) -> None:
     spec = LINEAR_SPECS[recipe.module.variant]
     dtype = MODEL_DTYPES[recipe.model_dtype]
-    parts = _load_checked(reader, tensors, recipe.sources(), packed_pairs=spec.packed_pairs, model_dtype=dtype)
-    yield _as_bytes(spec.outputs[recipe.output].make(parts, dtype), tensor, tensor.shape)
+    parts = producer.load_checked(tensors, recipe.sources(), packed_pairs=spec.packed_pairs, model_dtype=dtype)
+    _stage(lambda target: spec.outputs[recipe.output].make(parts, dtype, producer.workspace, target), tensor, out)
 
 
-def _translated(tensor: OutputTensor, recipe: TranslatedTensor, reader: TensorReader,
-                tensors: Mapping[str, TensorRef]) -> Iterator[memoryview]:
-    parts = _load_checked(reader, tensors, recipe.sources(), packed_pairs=True)
-    yield _as_bytes(TRANSLATIONS[recipe.translation][recipe.output].make(parts), tensor, tensor.shape)
+def _translated(tensor: OutputTensor, recipe: TranslatedTensor, producer: Producer,
+                tensors: Mapping[str, TensorRef], out: StagedFile) -> None:
+    parts = producer.load_checked(tensors, recipe.sources(), packed_pairs=True)
+    _stage(lambda _target: TRANSLATIONS[recipe.translation][recipe.output].make(parts), tensor, out)
 
 
 # What producing one output tensor holds in memory at once, per worker (`resources` adds them up).
@@ -123,8 +205,9 @@ _BIAS_BYTES_PER_ELEMENT = 12
 _PACK_BYTES_PER_ELEMENT = 3
 
 
-def _copy_memory(tensor: OutputTensor, _tensors: Mapping[str, TensorRef]) -> int:
-    return min(COPY_CHUNK_BYTES, tensor.nbytes)
+def _copy_memory(_tensor: OutputTensor, _tensors: Mapping[str, TensorRef]) -> int:
+    """Read straight into the staging buffers, which `resources` counts once."""
+    return 0
 
 
 def _translated_memory(tensor: OutputTensor, tensors: Mapping[str, TensorRef]) -> int:
@@ -153,7 +236,7 @@ def _linear_memory(tensor: OutputTensor, tensors: Mapping[str, TensorRef]) -> in
 class RecipeRun:
     """How one recipe type is carried out: its output's bytes in order, and the bytes that takes in memory."""
 
-    produce: Callable[[OutputTensor, Recipe, TensorReader, Mapping[str, TensorRef]], Iterator[memoryview]]
+    produce: Callable[[OutputTensor, Recipe, Producer, Mapping[str, TensorRef], StagedFile], None]
     memory_bytes: Callable[[OutputTensor, Mapping[str, TensorRef]], int]
 
 
@@ -165,10 +248,10 @@ RECIPES: dict[type, RecipeRun] = {
 }
 
 
-def produce(tensor: OutputTensor, reader: TensorReader, tensors: Mapping[str, TensorRef]) -> Iterator[memoryview]:
-    """The output tensor's bytes, in order, in pieces of at most 64 MiB for copies; `tensors` holds at
-    least the recipe's `sources()`."""
-    return RECIPES[type(tensor.recipe)].produce(tensor, tensor.recipe, reader, tensors)
+def produce(tensor: OutputTensor, producer: Producer, tensors: Mapping[str, TensorRef], out: StagedFile) -> None:
+    """Put the output tensor's bytes, in order, into `out`; `tensors` holds at least the recipe's
+    `sources()`."""
+    RECIPES[type(tensor.recipe)].produce(tensor, tensor.recipe, producer, tensors, out)
 
 
 def memory_bytes(tensor: OutputTensor, tensors: Mapping[str, TensorRef]) -> int:
@@ -179,6 +262,11 @@ def memory_bytes(tensor: OutputTensor, tensors: Mapping[str, TensorRef]) -> int:
 def check_small_tensors(plan: Plan, reader: TensorReader) -> None:
     """Every rule on scales, offsets and biases (`check_parts`), checked before the first output byte
     is written. Weights are checked as they are converted; the recipes check the small tensors again."""
+    with torch_threads(1):
+        _check_small_tensors(plan, reader)
+
+
+def _check_small_tensors(plan: Plan, reader: TensorReader) -> None:
     tensors = plan.source.tensors
     for layer in plan.moe_layers:
         suffixes = [s for s in layer.source_suffixes() if s != "weight"]

@@ -11,9 +11,11 @@ from pathlib import Path
 
 from .plan import Plan
 from .produce import memory_bytes
+from .staging import BUFFER_BYTES, BUFFERS
 from .writer import ShardPlan
 
-__all__ = ["ResourcePlan", "estimate_resources", "free_disk_bytes", "peak_rss_bytes", "usable_cpus",
+__all__ = ["ResourcePlan", "estimate_resources", "free_disk_bytes", "peak_rss_bytes", "usable_cpus", "default_workers",
+           "DEFAULT_WORKERS_RULE",
            "BASELINE_RSS_BYTES"]
 
 # RSS of a worker before it converts anything (python + torch + safetensors), measured on x86_64.
@@ -26,8 +28,8 @@ class ResourcePlan:
     read_bytes: int
     write_bytes: int
     peak_worker_bytes: int
-    workers: int  # worker processes used: the request capped at the shards and the usable CPUs
-    workers_requested: int
+    workers: int  # worker processes used: the request (or the default) capped at the shards and the usable CPUs
+    workers_requested: int | None  # None: the default, `default_workers()`
     disk_free_bytes: int | None  # measured by the caller where the output goes (None: not measured)
 
     @property
@@ -38,6 +40,7 @@ class ResourcePlan:
         return {"shards": self.shards, "read_bytes": self.read_bytes, "write_bytes": self.write_bytes,
                 "peak_worker_bytes": self.peak_worker_bytes, "workers": self.workers,
                 "workers_requested": self.workers_requested,
+                "workers_choice": "requested" if self.workers_requested is not None else DEFAULT_WORKERS_RULE,
                 "peak_total_bytes": self.peak_total_bytes, "disk_free_bytes": self.disk_free_bytes}
 
 
@@ -47,6 +50,15 @@ def usable_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+DEFAULT_WORKERS_RULE = "default: one per two usable CPUs, one per shard at most"
+
+
+def default_workers() -> int:
+    """One worker per two usable CPUs: a worker keeps two threads busy (transforms, then hashing and
+    writing on the staging thread), so two workers on two CPUs only contend (measured, docs/benchmarks.md)."""
+    return max(1, usable_cpus() // 2)
 
 
 def free_disk_bytes(path: Path) -> int | None:
@@ -60,17 +72,19 @@ def free_disk_bytes(path: Path) -> int | None:
         return None
 
 
-def estimate_resources(plan: Plan, shards: list[ShardPlan], workers: int, *,
+def estimate_resources(plan: Plan, shards: list[ShardPlan], workers: int | None, *,
                        disk_free_bytes: int | None = None) -> ResourcePlan:
-    """The plan's cost; `disk_free_bytes` is whatever the caller measured where the output goes (once)."""
+    """The plan's cost; `workers` None takes `default_workers()`; `disk_free_bytes` is whatever the
+    caller measured where the output goes (once)."""
     tensors = [t for s in shards for t in s.tensors]
-    peak = BASELINE_RSS_BYTES + max((memory_bytes(t, plan.source.tensors) for t in tensors), default=0)
+    peak = (BASELINE_RSS_BYTES + BUFFERS * BUFFER_BYTES
+            + max((memory_bytes(t, plan.source.tensors) for t in tensors), default=0))
     return ResourcePlan(
         shards=[{"file": s.file_name, "tensors": len(s.tensors), "bytes": s.data_bytes} for s in shards],
         read_bytes=sum(r.nbytes for r in plan.source.tensors.values()),
         write_bytes=sum(s.data_bytes for s in shards),
         peak_worker_bytes=int(math.ceil(peak)),
-        workers=max(1, min(workers, len(shards), usable_cpus())),
+        workers=max(1, min(default_workers() if workers is None else workers, len(shards), usable_cpus())),
         workers_requested=workers,
         disk_free_bytes=disk_free_bytes,
     )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import re
 import stat
@@ -55,7 +56,7 @@ class OutputRoute:
     def of(cls, plan: Plan, output: Path, max_shard_bytes: int) -> "OutputRoute":
         return cls(output, plan, assign_shards(plan.tensors, max_shard_bytes), plan.source.non_weight_files())
 
-    @property
+    @functools.cached_property
     def write_bytes(self) -> int:
         return sum(s.data_bytes for s in self.shards)
 

@@ -1,17 +1,13 @@
 """Streaming safetensors shards: header first (every shape is known from the plan), then each
-tensor's pieces as they are produced, hashed on the way. A shard is written under a temporary name,
+tensor's bytes as they are produced into the staging buffers, hashed and written on the staging
+thread (`staging.py`). A shard is written under a temporary name,
 fsynced and renamed (`files.py`); `route.py` writes the index and the stamped description after every shard.
 """
 from __future__ import annotations
 
-import ctypes
-import functools
 import hashlib
 import json
 import os
-import queue
-import sys
-import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +17,7 @@ from .errors import WriteError
 from .files import discard, fsync_dir, partial_name
 from .journal import WrittenShard
 from .plan import OutputTensor
+from .staging import StagedFile, StagingPool
 
 __all__ = ["ShardPlan", "assign_shards", "plan_fingerprint", "shard_header", "write_shard"]
 
@@ -76,105 +73,33 @@ def shard_header(tensors: Iterable[OutputTensor], metadata: dict[str, str]) -> b
     return len(raw).to_bytes(8, "little") + raw
 
 
-class _Writeback:
-    """Starts the kernel's writeback of each 64 MiB as soon as it is written (Linux sync_file_range)
-    and waits for the range two steps behind, so dirty pages stay bounded, disk writes overlap the
-    conversion, and the final fsync has little left to do. A no-op where the call is unavailable."""
-
-    STEP = 64 * 2**20
-    _WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4
-
-    def __init__(self, fd: int, offset: int):
-        self.fd, self.started, self.written = fd, offset, offset
-        self.call = _sync_file_range()
-
-    def advance(self, nbytes: int) -> None:
-        self.written += nbytes
-        while self.call and self.written - self.started >= self.STEP:
-            self.call(self.fd, self.started, self.STEP, self._WRITE)
-            behind = self.started - 2 * self.STEP
-            if behind >= 0:
-                self.call(self.fd, behind, self.STEP, self._WAIT_BEFORE | self._WRITE | self._WAIT_AFTER)
-            self.started += self.STEP
-
-
-@functools.cache
-def _sync_file_range():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        call = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    call.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    return call
-
-
-def _write_all(fd: int, data: memoryview | bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-class _BackgroundSha256:
-    """sha256 on a second thread: hashlib releases the GIL, so hashing overlaps producing and writing.
-
-    Without SHA instructions sha256 runs at ~0.4 GB/s a core, as slow as the transforms themselves.
-    """
-
-    _DONE = None
-
-    def __init__(self, max_pending: int = 8):
-        self._digest = hashlib.sha256()
-        self._queue: queue.Queue = queue.Queue(max_pending)  # bounds the pieces kept alive
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (piece := self._queue.get()) is not self._DONE:
-            self._digest.update(piece)
-
-    def update(self, piece: memoryview | bytes) -> None:
-        self._queue.put(piece)
-
-    def close(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(self._DONE)
-            self._thread.join()
-
-    def hexdigest(self) -> str:
-        self.close()
-        return self._digest.hexdigest()
-
-
-def write_shard(directory: Path, shard: ShardPlan, metadata: dict[str, str],
-                pieces: Callable[[OutputTensor], Iterable[memoryview]]) -> WrittenShard:
-    """Write one shard crash-safely; returns its size and sha256. On failure no shard file remains."""
+def write_shard(directory: Path, shard: ShardPlan, metadata: dict[str, str], pool: StagingPool,
+                produce: Callable[[OutputTensor, StagedFile], None]) -> WrittenShard:
+    """Write one shard crash-safely through `pool`'s staging buffers: the header, then each tensor as
+    `produce(tensor, staged)` puts its bytes into `staged`; returns the shard's size and sha256. On
+    failure (the producer's, or the writing thread's, raised again here) no shard file remains."""
     final, temp = directory / shard.file_name, directory / partial_name(shard.file_name)
-    digest = _BackgroundSha256()
+    staged = None
     try:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
+            staged = StagedFile(pool, fd)
             head = shard_header(shard.tensors, metadata)
-            _write_all(fd, head)
-            digest.update(head)
-            writeback = _Writeback(fd, len(head))
+            staged.write(head)
             total = len(head)
             for tensor in shard.tensors:
-                written = 0
-                for piece in pieces(tensor):
-                    _write_all(fd, piece)
-                    digest.update(piece)
-                    writeback.advance(len(piece))
-                    written += len(piece)
+                before = staged.staged_bytes
+                produce(tensor, staged)
+                written = staged.staged_bytes - before
                 if written != tensor.nbytes:
                     raise AssertionError(f"{tensor.name}: produced {written} bytes, the plan says {tensor.nbytes}")
                 total += written
-            sha256 = digest.hexdigest()
+            sha256 = staged.finish()
+            staged = None
             os.fsync(fd)
         finally:
-            digest.close()
+            if staged is not None:
+                staged.abort()
             os.close(fd)
         os.replace(temp, final)
         fsync_dir(directory)
