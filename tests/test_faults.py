@@ -317,12 +317,15 @@ def test_a_worker_killed_by_the_oom_killer_is_an_io_failure_not_a_crash(faulted,
 @pytest.fixture
 def interrupted(source, tmp_path, monkeypatch):
     """An output left by a run that hit a full disk in its fourth shard (in this process)."""
+    import w4a8conv.staging as staging
     import w4a8conv.writer as writer
     from fault_wrapper import FullDiskOs
 
     out = tmp_path / "out"
     with monkeypatch.context() as patch:
-        patch.setattr(writer, "os", FullDiskOs(out_shard(4)))
+        full = FullDiskOs(out_shard(4))  # the shard is opened by the writer, written by staging
+        patch.setattr(writer, "os", full)
+        patch.setattr(staging, "os", full)
         run = run_main("convert", source, out, *OPTIONS, "--workers", "1")
     assert_clean_failure(run, ExitCode.IO_FAILURE, [out_shard(4), "No space left on device"])
     return out
@@ -410,13 +413,16 @@ def read_only_mount(tmp_path):
 
 
 def test_a_read_only_output_file_system_under_force_and_resume(source, read_only_mount, monkeypatch):
+    import w4a8conv.staging as staging
     import w4a8conv.writer as writer
     from fault_wrapper import FullDiskOs
 
     complete, unfinished = read_only_mount / "complete", read_only_mount / "unfinished"
     convert(source, complete, options=ConvertOptions(max_shard_bytes=int(SHARD_BYTES), workers=1))
     with monkeypatch.context() as patch:
-        patch.setattr(writer, "os", FullDiskOs(out_shard(4)))
+        full = FullDiskOs(out_shard(4))  # the shard is opened by the writer, written by staging
+        patch.setattr(writer, "os", full)
+        patch.setattr(staging, "os", full)
         run_main("convert", source, unfinished, *OPTIONS, "--workers", "1")
     stale = unfinished / f".{out_shard(4)}.partial"
     stale.write_bytes(b"left by a SIGKILL")
