@@ -694,10 +694,20 @@ def _(c):
 
 
 @case("lim-strides-past-int64", "v1", INVALID, "{src}/" + WEIGHTS, "empty",
-      f"shape [0, 2, {2**63 - 1}] is not a list of non-negative integers below 2^63")
+      f"shape [0, 2, {2**63 - 1}] has a contiguous stride of {2 * (2**63 - 1)}, past 2^63 - 1 (torch's int64 strides)")
 def _(c):
     """Every size fits int64 and the tensor is zero bytes, but its first stride, 2 x (2^63 - 1), does not."""
     edit_header(W(c), lambda h: h.update({"empty": {"dtype": "F32", "shape": [0, 2, 2**63 - 1],
+                                                   "data_offsets": [0, 0]}}))
+
+
+@case("lim-storage-past-uint64", "v1", INVALID, "{src}/" + WEIGHTS, "empty",
+      f"shape [8, {2**63 - 1}, 0] has sizes whose product before the first zero, {8 * (2**63 - 1)}, passes 2^64 - 1: "
+      "torch's storage size computation overflows, although the tensor holds no bytes")
+def _(c):
+    """Sizes and strides fit int64 and the tensor is zero bytes, but torch multiplies the sizes in order as
+    unsigned 64-bit integers when it sizes the storage, and 8 x (2^63 - 1) overflows before the zero."""
+    edit_header(W(c), lambda h: h.update({"empty": {"dtype": "F32", "shape": [8, 2**63 - 1, 0],
                                                    "data_offsets": [0, 0]}}))
 
 

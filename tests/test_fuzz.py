@@ -284,6 +284,33 @@ def test_convert_with_an_added_tensor_of_tricky_name_and_shape(bases, data, tmp_
         shutil.rmtree(out, ignore_errors=True)
 
 
+@settings(max_examples=400, deadline=None, database=None)
+@given(sizes=st.lists(st.one_of(DIM.filter(lambda d: isinstance(d, int)), st.integers(0, 2**64)), max_size=4),
+       zero_at=st.integers(0, 4))
+def test_the_shape_rule_is_exactly_what_torch_can_make(sizes, zero_at):
+    """On zero-byte shapes (which torch makes without allocating), torch_shape_problem (the header parsers'
+    rule) refuses exactly those torch.empty cannot make ([8, 2^63 - 1, 0] overflows torch's storage size)."""
+    from w4a8conv.dtypes import torch_shape_problem
+
+    shape = sizes[:zero_at] + [0] + sizes[zero_at:]
+    try:
+        torch.empty(shape, dtype=torch.int8)
+        made = True
+    except (RuntimeError, TypeError, OverflowError):
+        made = False
+    assert (torch_shape_problem(shape) is None) == made, shape
+
+
+@pytest.mark.parametrize("shape", [[8, 2**63 - 1, 0], [2**32, 2**32, 0], [0, 2, 2**63 - 1]])
+def test_the_shape_rule_on_the_shapes_the_fuzzer_found(shape):
+    from w4a8conv.dtypes import torch_shape_problem
+
+    assert torch_shape_problem(shape)
+    with pytest.raises(RuntimeError):
+        torch.empty(shape)
+    assert torch_shape_problem([2**32 - 1, 2**32 + 1, 0]) is None  # (2^32)^2 - 1: the largest product that fits
+
+
 # -- converted directories: the runtime and verify ----------------------------------------------------------
 
 

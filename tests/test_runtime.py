@@ -15,6 +15,8 @@ from w4a8conv.runtime import NpuReadyCheckpoint
 from w4a8conv.synthetic import PRESETS
 from w4a8conv.transforms.int4 import unpack_int8_pairs_to_int4, unpack_int32_to_int4
 
+from robustness_support import read_raw, write_raw
+
 MOE = "model.layers.1.mlp"
 
 
@@ -104,6 +106,30 @@ def test_open_refuses_unreadable_description(converted, tmp_path):
     (ck / "quant_model_description.json").write_text("{not json")
     with pytest.raises(NotConvertedError, match="unreadable"):
         NpuReadyCheckpoint.open(ck)
+
+
+@pytest.mark.parametrize("shape, rule", [
+    ([8, 2**63 - 1, 0], "product before the first zero, 73786976294838206456, passes 2^64 - 1"),
+    ([0, 2, 2**63 - 1], "contiguous stride of 18446744073709551614, past 2^63 - 1"),
+    ([0, 2**63], "is not a list of non-negative integers below 2^63"),
+])
+def test_open_refuses_a_zero_byte_tensor_torch_cannot_make(converted, tmp_path, shape, rule):
+    """A shard header may declare a zero-byte tensor whose shape torch cannot make (torch.empty raises
+    a RuntimeError for [8, 2^63 - 1, 0]): the shard check refuses it, naming the shard, the tensor and
+    the rule, before tensor() could reach torch."""
+    ck = copy_of(converted("moe-group-v1")[1], tmp_path)
+    shard = sorted(ck.glob("*.safetensors"))[0]
+    header, data = read_raw(shard)
+    header["extra.empty"] = {"dtype": "F32", "shape": shape, "data_offsets": [len(data), len(data)]}
+    write_raw(shard, header, data)
+    edit_description(ck, lambda d: d["w4a8conv"]["shards"][shard.name].update(bytes=shard.stat().st_size))
+    index = json.loads((ck / "model.safetensors.index.json").read_text())
+    index["weight_map"]["extra.empty"] = shard.name
+    (ck / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(NotConvertedError) as info:
+        NpuReadyCheckpoint.open(ck)
+    assert (info.value.file, info.value.tensor) == (shard, "extra.empty")
+    assert rule in info.value.rule and f"shape {shape}" in info.value.rule
 
 
 def test_open_refuses_a_directory_without_description(tmp_path):

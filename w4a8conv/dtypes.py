@@ -5,7 +5,7 @@ import math
 
 import torch
 
-__all__ = ["DTYPE_SIZES", "TORCH_DTYPES", "MODEL_DTYPES", "MAX_DIM", "torch_can_hold"]
+__all__ = ["DTYPE_SIZES", "TORCH_DTYPES", "MODEL_DTYPES", "MAX_DIM", "torch_shape_problem"]
 
 DTYPE_SIZES: dict[str, int] = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
@@ -22,10 +22,23 @@ MODEL_DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
 }
 MAX_DIM = 2**63 - 1  # torch sizes are int64: a larger dimension (even next to a zero) cannot be loaded
+MAX_STORAGE_PRODUCT = 2**64 - 1  # torch multiplies the sizes in uint64 when it sizes a tensor's storage
 
 
-def torch_can_hold(shape: object) -> bool:
-    """A list of sizes a torch tensor can have: each in [0, 2^63 - 1], and the contiguous strides too
-    (torch counts a zero size as 1 there, so [0, 2, 2^63 - 1] is zero bytes but no tensor)."""
-    return (isinstance(shape, list) and all(type(d) is int and 0 <= d <= MAX_DIM for d in shape)
-            and math.prod(max(d, 1) for d in shape[1:]) <= MAX_DIM)
+def torch_shape_problem(shape: object) -> str | None:
+    """Why torch cannot make a tensor of this shape (completing "shape [...] ..."), or None when it can.
+
+    torch sizes and contiguous strides are int64 (torch counts a zero size as 1 in a stride, so
+    [0, 2, 2^63 - 1] is zero bytes but no tensor), and its storage size is the product of the sizes taken
+    in order as unsigned 64-bit integers, an overflow before a zero is reached failing even when the
+    tensor holds no bytes ([8, 2^63 - 1, 0])."""
+    if not (isinstance(shape, list) and all(type(d) is int and 0 <= d <= MAX_DIM for d in shape)):
+        return "is not a list of non-negative integers below 2^63 (torch's int64 sizes)"
+    stride = math.prod(max(d, 1) for d in shape[1:])
+    if stride > MAX_DIM:
+        return f"has a contiguous stride of {stride}, past 2^63 - 1 (torch's int64 strides)"
+    leading = math.prod(shape[:shape.index(0)] if 0 in shape else shape)
+    if leading > MAX_STORAGE_PRODUCT:
+        return (f"has sizes whose product before the first zero, {leading}, passes 2^64 - 1: torch's storage size "
+                "computation overflows, although the tensor holds no bytes")
+    return None

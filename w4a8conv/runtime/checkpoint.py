@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..constants import DESCRIPTION_NAME, INDEX_NAME
-from ..dtypes import DTYPE_SIZES, TORCH_DTYPES, torch_can_hold
+from ..dtypes import DTYPE_SIZES, TORCH_DTYPES, torch_shape_problem
 from ..errors import NotConvertedError, UsageError
 from ..layout import MOE_OUTPUTS, MOE_PARAMS, TensorSpec, expert_tensor_specs, linear_tensor_specs, moe_tensor_specs
 from ..stamp import LinearRecord, MoeRecord, ShardRecord, Stamp, plain_file_name
@@ -54,8 +54,8 @@ def _pread_exact(fd: int, nbytes: int, offset: int, path: Path, what: str) -> by
 
 def _shard_header(fd: int, size: int, path: Path) -> dict[str, StoredTensor]:
     """The tensors a shard's header declares, which must tile its data region exactly, in order."""
-    def refuse(rule: str) -> NotConvertedError:
-        return NotConvertedError(f"shard header: {rule}", file=path)
+    def refuse(rule: str, tensor: str | None = None) -> NotConvertedError:
+        return NotConvertedError(f"shard header: {rule}", file=path, tensor=tensor)
 
     if size < 8:
         raise refuse(f"{size} bytes, shorter than the 8-byte header length")
@@ -73,17 +73,19 @@ def _shard_header(fd: int, size: int, path: Path) -> dict[str, StoredTensor]:
     entries = []
     for name, entry in header.items():
         ok = (isinstance(entry, dict) and entry.get("dtype") in DTYPE_SIZES and isinstance(entry.get("shape"), list)
-              and torch_can_hold(entry["shape"])
               and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
               and all(type(o) is int for o in entry["data_offsets"]))
         if not ok:
-            raise refuse(f"{name}: entry is not a dtype, a shape torch can hold and two data offsets")
+            raise refuse(f"entry is not a dtype, a shape and two data offsets", name)
+        problem = torch_shape_problem(entry["shape"])
+        if problem:
+            raise refuse(f"shape {entry['shape']} {problem}", name)
         entries.append((entry["data_offsets"], name, entry))
     for (begin, end), name, entry in sorted(entries, key=lambda e: (e[0][0], e[0][1])):
         nbytes = math.prod(entry["shape"]) * DTYPE_SIZES[entry["dtype"]]
         if begin != position or end - begin != nbytes:
-            raise refuse(f"{name}: data_offsets {[begin, end]} do not follow the previous tensor at {position} "
-                         f"with {nbytes} bytes")
+            raise refuse(f"data_offsets {[begin, end]} do not follow the previous tensor at {position} "
+                         f"with {nbytes} bytes", name)
         position = end
         tensors[name] = StoredTensor(entry["dtype"], tuple(entry["shape"]), data_start + begin, nbytes)
     if data_start + position != size:

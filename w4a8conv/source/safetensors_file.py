@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..dtypes import DTYPE_SIZES, MAX_DIM, TORCH_DTYPES, torch_can_hold
+from ..dtypes import DTYPE_SIZES, MAX_DIM, TORCH_DTYPES, torch_shape_problem
 from ..errors import InvalidCheckpointError
 
 __all__ = ["DTYPE_SIZES", "TORCH_DTYPES", "TensorRef", "SafetensorsHeader", "read_header", "parse_json",
@@ -106,9 +106,9 @@ def read_header(file: Path) -> SafetensorsHeader:
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise _fail(file, f"unknown dtype {dtype!r}", name)
-        if not torch_can_hold(shape):
-            raise _fail(file, f"shape {shape!r} is not a list of non-negative integers below 2^63 "
-                        "(torch's int64 sizes and strides)", name)
+        problem = torch_shape_problem(shape)
+        if problem:
+            raise _fail(file, f"shape {shape!r} {problem}", name)
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(type(o) is int and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
             raise _fail(file, f"data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end", name)
