@@ -282,6 +282,44 @@ def _(c):
     (c.src / "tokenizer_config.json").symlink_to(c.outside / "secret.txt")
 
 
+@case("copy-dir-symlink-outside", "v1", INVALID, "{src}/optional",
+      "is a link to a directory outside the checkpoint directory")
+def _(c):
+    """A sub-directory is copied into the output too (msModelSlim's optional/): a link to a directory
+    elsewhere must not pull that directory in."""
+    (c.outside / "rotations").mkdir(parents=True)
+    (c.outside / "rotations" / "quarot.safetensors").write_bytes(b"not for the output")
+    (c.src / "optional").symlink_to(c.outside / "rotations")
+
+
+@case("copy-dir-symlink-loop", "v1", INVALID, "{src}/inference/again",
+      "is a link to a directory above it: it would be copied without end")
+def _(c):
+    (c.src / "inference").mkdir()
+    (c.src / "inference" / "model.py").write_text("# reference code\n")
+    (c.src / "inference" / "again").symlink_to(c.src / "inference")
+
+
+@case("desc-optional-file-missing", "v1", INVALID, "{src}/" + DESCRIPTION, "optional",
+      "names the file 'optional/quarot.safetensors' (optional section), which is not a file inside the "
+      "checkpoint directory")
+def _(c):
+    """msModelSlim's ascendV1 saver names the files it writes beside the weights; one that is not there
+    would be missing from the output too."""
+    edit_json(c.src / DESCRIPTION, lambda d: d.update(
+        optional={"quarot": {"rotation_map": {"global_rotation": "optional/quarot.safetensors"}}}))
+
+
+@case("desc-optional-file-outside", "v1", INVALID, "{src}/" + DESCRIPTION, "optional",
+      "names the file '../outside/quarot.safetensors' (optional section), which is not a file inside the "
+      "checkpoint directory")
+def _(c):
+    c.outside.mkdir()
+    (c.outside / "quarot.safetensors").write_bytes(b"elsewhere")
+    edit_json(c.src / DESCRIPTION, lambda d: d.update(
+        optional={"quarot": {"rotation_map": {"global_rotation": "../outside/quarot.safetensors"}}}))
+
+
 @case("idx-missing-file", "v1-sharded", INVALID, "{src}/" + INDEX,
       f"weight_map names {shard(5)!r}, which does not exist")
 def _(c):

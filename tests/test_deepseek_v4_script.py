@@ -68,6 +68,9 @@ def msmodelslim_form(script_source, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("v4-equivalent") / "src"
     root.mkdir()
     for path in script_source.iterdir():
+        if path.is_dir():
+            shutil.copytree(path, root / path.name)
+            continue
         if not path.name.endswith(".safetensors"):
             shutil.copy(path, root / path.name)
             continue
@@ -99,8 +102,11 @@ def test_the_fixture_is_in_the_script_format(script_source):
     assert description["layers.0.ffn.shared_experts.w2.weight"] == "W8A8_DYNAMIC"
 
 
-def test_converts_keeping_the_source_names(script_converted):
+def test_converts_keeping_the_source_names(script_source, script_converted):
     ck = NpuReadyCheckpoint.open(script_converted)
+    # the sub-directories the script copies from its input (inference/ code) are copied too
+    assert (script_converted / "inference" / "model.py").read_bytes() == (script_source / "inference" /
+                                                                           "model.py").read_bytes()
     modules = ck.stamp.modules
     assert sorted(modules) == sorted(BLOCKS)
     assert {m.variant for m in modules.values()} == {"moe-channel-v1-bias-total"}

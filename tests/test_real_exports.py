@@ -185,3 +185,56 @@ def test_vllm_ascend_cannot_create_a_per_channel_w4a8_linear_layer(vllm_ascend_w
     for version in harness.VLLM_ASCEND_VERSIONS:
         with pytest.raises(ZeroDivisionError):
             harness.linear_tensors(src, "model.layers.0.mlp.down_proj", version=version)
+
+
+# -- files beside the weights: msModelSlim's optional/, the DeepSeek-V4 script's copied sub-directories ------
+
+QUAROT = {"quarot": {"rotation_map": {"global_rotation": "optional/quarot.safetensors"}}}
+
+
+@pytest.fixture
+def with_optional(tmp_path) -> Path:
+    """A source as msModelSlim's ascendV1 saver writes one after QuaRot: optional/quarot.safetensors, named by
+    the description's `optional` section, and a sub-directory of reference code."""
+    from safetensors.torch import save_file
+
+    src = write_checkpoint(tmp_path / "src", replace(PRESETS["moe-channel-v1"], num_experts=2))
+    (src / "optional").mkdir()
+    save_file({"global_rotation": torch.randn(256, 256, generator=torch.Generator().manual_seed(3))},
+              str(src / "optional" / "quarot.safetensors"))
+    (src / "inference" / "kernels").mkdir(parents=True)
+    (src / "inference" / "kernels" / "act.py").write_text("# reference kernel\n")
+    edit_json(src / "quant_model_description.json", lambda d: d.update(optional=QUAROT))
+    return src
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_sub_directories_are_copied_byte_for_byte_and_verify_checks_the_named_file(with_optional, tmp_path):
+    before = _tree(with_optional)
+    out = tmp_path / "out"
+    convert(with_optional, out, options=ConvertOptions(workers=1))
+    copied = _tree(out)
+    for name in ("optional/quarot.safetensors", "inference/kernels/act.py"):
+        assert copied[name] == before[name], name
+    assert json.loads((out / "quant_model_description.json").read_text())["optional"] == QUAROT
+    assert _tree(with_optional) == before  # the source is never modified
+    assert verify(out, source=with_optional, sample=1).ok
+    (out / "optional" / "quarot.safetensors").unlink()
+    problems = verify(out).problems
+    assert problems == [f"{out / 'quant_model_description.json'}: names the file 'optional/quarot.safetensors' "
+                        "(optional section), which is not a file inside the directory"]
+
+
+def test_force_replaces_a_previous_output_with_its_sub_directories(with_optional, tmp_path):
+    out = tmp_path / "out"
+    convert(with_optional, out, options=ConvertOptions(workers=1))
+    first = _tree(out)
+    convert(with_optional, out, options=ConvertOptions(workers=1, force=True))
+    assert _tree(out) == first
+    (out / "optional" / "notes.txt").write_text("mine\n")  # not a file the conversion writes
+    run = run_main("convert", with_optional, out, "--force")
+    assert_clean_failure(run, 2, ["--force replaces only a previous w4a8conv output", "optional is not part of one"])
+    assert (out / "optional" / "notes.txt").read_text() == "mine\n"

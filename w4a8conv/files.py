@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .errors import WriteError
 
-__all__ = ["partial_name", "discard", "fsync_dir", "write_json_atomic", "copy_file_atomic"]
+__all__ = ["partial_name", "discard", "fsync_dir", "write_json_atomic", "copy_file_atomic", "make_directories"]
 
 
 def partial_name(file_name: str) -> str:
@@ -58,3 +58,11 @@ def copy_file_atomic(source: Path, target: Path) -> None:
     except OSError as exc:
         discard(temp)
         raise WriteError(f"{target}: cannot copy from {source}: {exc.strerror or exc}") from None
+
+
+def make_directories(directory: Path) -> None:
+    """A sub-directory of the output (and those above it) for copied files."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WriteError(f"{directory}: cannot create: {exc.strerror or exc}") from None

@@ -22,6 +22,7 @@ import fcntl
 import functools
 import os
 import re
+import shutil
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from pathlib import Path
 from .constants import DESCRIPTION_NAME, INDEX_NAME, LAYOUT_NAME, LAYOUT_VERSION, STAMP_KEY
 from .engine import run_shards
 from .errors import InvalidCheckpointError, OutputLocationError, WriteError
-from .files import copy_file_atomic, partial_name, write_json_atomic
+from .files import copy_file_atomic, make_directories, partial_name, write_json_atomic
 from .journal import JOURNAL_NAME, PLAN_NAME, Journal, WrittenShard, source_files_identity
 from .plan import Plan
 from .resources import free_disk_bytes
@@ -41,6 +42,7 @@ __all__ = ["OutputRoute", "PreparedOutput"]
 
 # What a previous run may have left (--force removes it): shards, partial files, a distributed run's task journals.
 _OWN_FILE = re.compile(r"^(model-\d{5}-of-\d{5}\.safetensors|\..+\.partial|\.w4a8conv-journal-task-\d{5}\.json)$")
+_PARTIAL = re.compile(r"^\..+\.partial$")  # a file being written (a copy a killed run left)
 
 
 @dataclass(frozen=True)
@@ -50,11 +52,16 @@ class OutputRoute:
     output: Path
     plan: Plan
     shards: list[ShardPlan]
-    copied: list[Path]  # the source's other files, copied as they are
+    copied: list[Path]  # the source's other files, copied as they are (sub-directories' too)
 
     @classmethod
     def of(cls, plan: Plan, output: Path, max_shard_bytes: int) -> "OutputRoute":
         return cls(output, plan, assign_shards(plan.tensors, max_shard_bytes), plan.source.non_weight_files())
+
+    @property
+    def copied_names(self) -> list[str]:
+        """The copied files' paths relative to the source, and so to the output ('optional/quarot.safetensors')."""
+        return [p.relative_to(self.plan.source.root).as_posix() for p in self.copied]
 
     @functools.cached_property
     def write_bytes(self) -> int:
@@ -119,8 +126,11 @@ class OutputRoute:
         """Step 4: the copied files, the index, then the description carrying `stamp`; then the run's
         `bookkeeping` files (its journal, or a distributed run's plan and task journals) removed."""
         output = self.output
-        for extra in self.copied:
-            copy_file_atomic(extra, output / extra.name)
+        for extra, name in zip(self.copied, self.copied_names):
+            target = output / name
+            if target.parent != output:
+                make_directories(target.parent)
+            copy_file_atomic(extra, target)
         for name, content in self.plan.source.rewritten_json.items():
             write_json_atomic(output / name, content)
         weight_map = {t.name: shard.file_name for shard in self.shards for t in shard.tensors}
@@ -147,16 +157,22 @@ class OutputRoute:
         if not force:
             raise OutputLocationError(f"{output}: exists and is not empty (use --resume to finish an interrupted "
                                       "conversion, or --force to replace a previous one)")
-        ours = {INDEX_NAME, DESCRIPTION_NAME, JOURNAL_NAME, PLAN_NAME, *(p.name for p in self.copied),
-                *self.plan.source.rewritten_json}
+        copied = set(self.copied_names)
+        ours = {INDEX_NAME, DESCRIPTION_NAME, JOURNAL_NAME, PLAN_NAME, *copied, *self.plan.source.rewritten_json}
+        directories = {name.split("/")[0] for name in copied if "/" in name}
         foreign = [p.name for p in entries
-                   if (p.name not in ours and not _OWN_FILE.match(p.name)) or (p.is_dir() and not p.is_symlink())]
+                   if (p.name not in ours and not _OWN_FILE.match(p.name) and p.name not in directories)
+                   or (p.is_dir() and not p.is_symlink()
+                       and not (p.name in directories and _holds_only(output, p, copied)))]
         if foreign:
             raise OutputLocationError(f"{output}: --force replaces only a previous w4a8conv output, and "
                                       f"{', '.join(foreign[:5])} is not part of one")
         if remove:
             for entry in entries:
-                _remove(entry, "the previous output's file (--force)", OutputLocationError)
+                if entry.is_dir() and not entry.is_symlink():
+                    _remove_copied_directory(entry)
+                else:
+                    _remove(entry, "the previous output's file (--force)", OutputLocationError)
 
     def _check_disk(self, created: bool, shards: list[ShardPlan]) -> int | None:
         """The free bytes, measured once; refused (and a directory this run made removed) when short of
@@ -264,9 +280,27 @@ def _directory_lock(output: Path, warnings: list[str], *, shared: bool) -> Itera
         os.close(fd)
 
 
+def _holds_only(output: Path, directory: Path, copied: set[str]) -> bool:
+    """`directory` (in the output, links not followed) holds nothing but files this run copies."""
+    for parent, dirs, files in os.walk(directory):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(parent, d))]:
+            if Path(parent, name).relative_to(output).as_posix() not in copied and not _PARTIAL.match(name):
+                return False
+    return True
+
+
 def _remove(path: Path, what: str, error: type[OutputLocationError] | type[WriteError]) -> None:
     """Remove one file of ours; an OS error (read-only file system, a directory in its place) names the path."""
     try:
         path.unlink(missing_ok=True)
     except OSError as exc:
         raise error(f"{path}: cannot remove {what}: {exc.strerror or exc}") from None
+
+
+def _remove_copied_directory(path: Path) -> None:
+    """Remove a previous output's sub-directory of copied files (`_holds_only` checked it holds nothing else)."""
+    try:
+        shutil.rmtree(path)
+    except OSError as exc:
+        raise OutputLocationError(f"{path}: cannot remove the previous output's copied files (--force): "
+                                  f"{exc.strerror or exc}") from None

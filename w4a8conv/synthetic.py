@@ -252,7 +252,8 @@ def write_checkpoint(root: Path | str, spec: SyntheticSpec = SyntheticSpec()) ->
               "num_hidden_layers": spec.dense_layers + spec.moe_layers + spec.w8a8_moe_layers,
               "vocab_size": spec.vocab, "torch_dtype": spec.model_dtype}
     (root / "config.json").write_text(json.dumps(config, indent=2))
-    for name, text in spec.extra_files.items():
+    for name, text in spec.extra_files.items():  # a name may hold a sub-directory ("inference/model.py")
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text)
     return root
 
@@ -282,7 +283,9 @@ PRESETS: dict[str, SyntheticSpec] = {
 # preset: vllm-ascend itself cannot load the [out, 1] w2 bias, so the comparisons use its msModelSlim form.
 DEEPSEEK_V4_SCRIPT = replace(_BASE, group_size=0, layout="deepseek-v4-script", down_bias_chunks=1,
                              model_quant_type="W8A8_DYNAMIC", model_type="deepseek_v4", projections=("w1", "w3", "w2"),
-                             num_experts=4, moe_layers=2, mtp_layers=1, shard_bytes=600_000)
+                             num_experts=4, moe_layers=2, mtp_layers=1, shard_bytes=600_000,
+                             # the script copies the source's sub-directories' .py/.json files (its inference/)
+                             extra_files={**_BASE.extra_files, "inference/model.py": "# reference inference code\n"})
 
 
 def main(argv: list[str] | None = None) -> None:

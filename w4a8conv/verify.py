@@ -8,6 +8,7 @@ and an fp32 forward of the source and compares the error with its bound (`numeri
 """
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from .plan import CopyBytes, TranslatedTensor, make_plan
 from .produce import check_parts
 from .runtime import NpuReadyCheckpoint
 from .source import SourceCheckpoint, TensorReader
+from .source.checkpoint import OPTIONAL_KEY, described_files
 from .source.safetensors_file import TensorRef, read_header
 from .transforms import LINEAR_SPECS, MOE_SPECS, TRANSLATIONS
 from .transforms.int4 import unpack_int32_to_int4
@@ -100,6 +102,12 @@ def _check_integrity(ckpt: NpuReadyCheckpoint, report: VerifyReport) -> dict[str
             report.problems.append(f"{ckpt.root / DESCRIPTION_NAME}: {tensor}: has no quantization type")
     for extra in sorted(set(p.name for p in ckpt.root.glob("*.safetensors")) - set(ckpt.stamp.shards)):
         report.problems.append(f"{ckpt.root / extra}: shard not recorded in the stamp")
+    root = os.path.realpath(ckpt.root)
+    for name in described_files(ckpt.description):  # optional/quarot.safetensors, copied from the source
+        path = ckpt.root / name
+        if not path.is_file() or os.path.commonpath([root, os.path.realpath(path)]) != root:
+            report.problems.append(f"{ckpt.root / DESCRIPTION_NAME}: names the file {name!r} ({OPTIONAL_KEY} "
+                                   "section), which is not a file inside the directory")
     if report.ok:
         for prefix in ckpt.stamp.modules:
             problem = ckpt.module_problem(prefix)

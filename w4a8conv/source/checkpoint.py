@@ -23,9 +23,10 @@ from .safetensors_file import SafetensorsHeader, TensorRef, parse_json, read_hea
 
 __all__ = ["SourceCheckpoint", "GroupSizeFrom", "open_source", "read_json", "read_weight_files", "model_dtype_of",
            "model_type_of", "MODEL_DTYPES", "MODEL_DTYPE_ALIASES", "canonical_model_dtype", "DEFAULT_GROUP_SIZE",
-           "MSMODELSLIM"]
+           "MSMODELSLIM", "OPTIONAL_KEY", "described_files"]
 
 MSMODELSLIM = "msmodelslim"
+OPTIONAL_KEY = "optional"  # the description's section naming the files msModelSlim writes beside the weights
 
 DEFAULT_GROUP_SIZE = 256  # vllm-ascend's default when the description has no group_size
 # The short names users type (as vLLM's --dtype and torch do); config.json must use the full ones.
@@ -86,18 +87,36 @@ class SourceCheckpoint:
         return tuple(h.file for h in self.headers)
 
     def non_weight_files(self) -> list[Path]:
-        """Top-level regular files that are neither weights, their index, nor a quant description.
+        """Regular files that are neither weights, their index, nor a quant description: the top level's,
+        then every file under its sub-directories (msModelSlim's `optional/quarot.safetensors`), except
+        hidden ones at the top (`.cache/`, `.git/`: tools' records, not the model).
 
-        They are copied into the output, so a link that leaves the directory is refused."""
+        They are copied into the output under the same relative paths, so a link (to a file or a
+        directory) that leaves the directory is refused."""
         skip = {self.description_file.name, *(f.name for f in self.weight_files)}
         if self.index_file:
             skip.add(self.index_file.name)
-        files = sorted(p for p in self.root.iterdir()
-                       if p.is_file() and p.name not in skip and not p.name.endswith(".safetensors")
-                       and not p.name.startswith("quant_model_description"))
+        entries = _entries(self.root)
+        files = [p for p in entries
+                 if p.is_file() and p.name not in skip and not p.name.endswith(".safetensors")
+                 and not p.name.startswith("quant_model_description")]
         for p in files:
             _check_inside(self.root, p)
+        for directory in [p for p in entries if p.is_dir() and not p.name.startswith(".")]:
+            files += _files_under(self.root, directory, ())
         return files
+
+    def named_files(self) -> list[str]:
+        """The files the description names (`optional.<scope>.<kind>_map`), each a relative path that
+        must be one of the copied files: refused otherwise, naming the path."""
+        copied = {p.relative_to(self.root).as_posix() for p in self.non_weight_files()}
+        names = described_files(self.description)
+        for name in names:
+            if name not in copied:
+                raise InvalidCheckpointError(f"names the file {name!r} ({OPTIONAL_KEY} section), which is not a "
+                                             "file inside the checkpoint directory", file=self.description_file,
+                                             tensor=OPTIONAL_KEY)
+        return names
 
     def fingerprint(self) -> str:
         """sha256 over the description, the index and every shard's name, size and header."""
@@ -256,12 +275,47 @@ def _inside(root: Path, candidate: Path) -> bool:
     return named_inside and blobs is not None and os.path.dirname(real) == blobs
 
 
-def _check_inside(root: Path, file: Path) -> None:
+def _check_inside(root: Path, file: Path, what: str = "file") -> None:
     if not _inside(root, file):
-        raise InvalidCheckpointError("is a link to a file outside the checkpoint directory (only links into the "
-                                     "same Hugging Face cache repository's blobs are followed; copy the "
+        raise InvalidCheckpointError(f"is a link to a {what} outside the checkpoint directory (only links into "
+                                     "the same Hugging Face cache repository's blobs are followed; copy the "
                                      "checkpoint with `cp -rL` or download it with `hf download --local-dir`)",
                                      file=file)
+
+
+def _entries(directory: Path) -> list[Path]:
+    try:
+        return sorted(directory.iterdir())
+    except OSError as exc:
+        raise InvalidCheckpointError(f"cannot list: {exc.strerror or exc}", file=directory) from None
+
+
+def _files_under(root: Path, directory: Path, above: tuple[str, ...]) -> list[Path]:
+    """Every regular file under `directory`, sorted; links followed while they stay inside `root`, a
+    link back to a directory above refused (it would be copied without end)."""
+    _check_inside(root, directory, "directory")
+    real = os.path.realpath(directory)
+    if real in above:
+        raise InvalidCheckpointError("is a link to a directory above it: it would be copied without end",
+                                     file=directory)
+    files: list[Path] = []
+    for p in _entries(directory):
+        if p.is_dir():
+            files += _files_under(root, p, (*above, real))
+        elif p.is_file():
+            _check_inside(root, p)
+            files.append(p)
+    return files
+
+
+def described_files(description: dict) -> list[str]:
+    """The relative file paths msModelSlim's description names: `optional.<scope>.<kind>_map` maps a
+    name to a file it wrote beside the weights (the ascendV1 saver's `optional/quarot.safetensors`)."""
+    optional = description.get(OPTIONAL_KEY)
+    scopes = optional.values() if isinstance(optional, dict) else ()
+    return sorted({path for scope in scopes if isinstance(scope, dict)
+                   for key, mapping in scope.items() if key.endswith("_map") and isinstance(mapping, dict)
+                   for path in mapping.values() if isinstance(path, str)})
 
 
 def _indexed_files(root: Path, index_file: Path) -> tuple[list[Path], dict[str, str]]:
@@ -360,5 +414,5 @@ def open_source(root: Path | str, *, model_dtype: str | None = None, group_size:
         description=description, version=version, group_size=group, group_size_from=group_from,
         model_dtype=model_dtype_of(root, model_dtype), model_type=model_type_of(root),
         index_file=index_file, headers=headers, tensors=tensors)
-    checkpoint.non_weight_files()  # refuses links that leave the directory before anything is copied
+    checkpoint.named_files()  # refuses links that leave the directory, and named files that are missing
     return checkpoint
