@@ -17,7 +17,7 @@ from robustness_support import assert_clean_failure, edit_json, rewrite_tensors,
 from w4a8conv.api import ConvertOptions, convert, inspect
 from w4a8conv.errors import InvalidCheckpointError
 from w4a8conv.runtime import NpuReadyCheckpoint
-from w4a8conv.synthetic import LLM_PTQ, PRESETS, write_checkpoint
+from w4a8conv.synthetic import LLM_PTQ_OLD_FORMAT, PRESETS, write_checkpoint
 from w4a8conv.verify import verify
 
 try:
@@ -27,9 +27,7 @@ except ImportError:  # tests/ imported as a package
 
 MOE = "model.layers.1.mlp"
 # llm_ptq's old format: no version, no group_size (64 here, only the shapes tell), W4A8 attention too
-OLD_FORMAT = replace(LLM_PTQ, version=None, group_size=64, describe_group_size=False, w4a8_attention=True,
-                     w4a8_linear=True, num_experts=4, description_name="quant_model_description_w4a8_dynamic.json",
-                     weight_name="quant_model_weight_w4a8_dynamic")
+OLD_FORMAT = LLM_PTQ_OLD_FORMAT
 OLD_DESCRIPTION = OLD_FORMAT.description_name
 OLD_WEIGHTS = f"{OLD_FORMAT.weight_name}.safetensors"
 WARNING = (f"{OLD_DESCRIPTION} has no group_size: group size 64 inferred from the weight_scale_second shapes "
@@ -67,6 +65,28 @@ def test_llm_ptq_presets_store_int64_offsets(preset_source):
     with safe_open(str(root / file), framework="pt") as handle:
         assert handle.get_tensor(f"{MOE}.experts.0.gate_proj.weight_offset_second").dtype == torch.int64
         assert handle.get_tensor(f"{MOE}.experts.0.gate_proj.weight_offset").dtype == torch.float32
+    bias = "model.layers.0.self_attn.k_proj.bias"  # the model's q/k/v biases, in its dtype (bf16)
+    with safe_open(str(root / json.loads((root / "quant_model_weights.safetensors.index.json").read_text())[
+            "weight_map"][bias]), framework="pt") as handle:
+        assert handle.get_tensor(bias).dtype == torch.bfloat16
+
+
+def test_the_old_format_fixture_is_what_llm_ptq_writes(old_format, old_format_converted):
+    """As msModelSlim 26.1.0's llm_ptq `safe_tensor` export of Qwen2 (tests/test_msmodelslim.py holds the
+    real one): no version or group_size, int64 zero offsets, and q/k/v biases bf16 [out] typed FLOAT next to
+    the W4A8 projections; the converted Linear layer carries the bias as it was."""
+    from safetensors.torch import load_file
+
+    description = json.loads((old_format / OLD_DESCRIPTION).read_text())
+    assert "version" not in description and "group_size" not in description
+    tensors = load_file(str(old_format / OLD_WEIGHTS))
+    q = "model.layers.0.self_attn.q_proj"
+    assert description[f"{q}.weight"] == "W4A8_DYNAMIC" and description[f"{q}.bias"] == "FLOAT"
+    assert (tensors[f"{q}.bias"].dtype, tuple(tensors[f"{q}.bias"].shape)) == (torch.bfloat16, (OLD_FORMAT.hidden,))
+    assert tensors[f"{q}.weight_offset_second"].dtype == torch.int64
+    assert f"model.layers.0.self_attn.o_proj.bias" not in tensors
+    _src, out, _warnings = old_format_converted
+    assert torch.equal(NpuReadyCheckpoint.open(out).linear(q)["bias"], tensors[f"{q}.bias"])
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.float16, torch.float64])

@@ -6,8 +6,9 @@ Used by the examples, the tests and the benchmark; also runnable:
 Values are random but realistic: int4 weights in [-8, 7], positive fp32 scales that are not
 fp16-representable (so the fp16 rounding of fused scales matters), and, for version "1.0.0",
 `scale_bias` computed as msModelSlim computes it (bf16-cast scales for per-group). The `llm_ptq`
-presets store what msModelSlim 26.1.0's `llm_ptq` writes: `weight_offset_second` as int64 zeros, no
-`version` / `group_size` in the old format, W4A8 attention projections.
+presets store what msModelSlim 26.1.0's `llm_ptq` writes: `weight_offset_second` as int64 zeros and
+q/k/v biases in the model dtype (bf16); `LLM_PTQ_OLD_FORMAT` its old format: no `version` / `group_size`,
+W4A8 attention projections.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from .constants import DOWN_BIAS_CHUNKS, SOURCE_TYPE
 from .transforms.bias import msd_bias_chunks
 from .transforms.int4 import pack_int4_to_int8_pairs
 
-__all__ = ["SyntheticSpec", "write_checkpoint", "PRESETS", "LLM_PTQ", "DEEPSEEK_V4_SCRIPT"]
+__all__ = ["SyntheticSpec", "write_checkpoint", "PRESETS", "LLM_PTQ", "LLM_PTQ_OLD_FORMAT", "DEEPSEEK_V4_SCRIPT"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class SyntheticSpec:
     attention: bool = True          # q/k/v/o projections per layer (W8A8_DYNAMIC unless w4a8_attention)
     w4a8_attention: bool = False    # llm_ptq quantizes the attention projections W4A8 too
     offset_second_dtype: str = "float32"  # llm_ptq writes weight_offset_second as int64
+    qkv_bias: bool = False          # q/k/v projections with a float `bias` in the model dtype, typed FLOAT
     shared_experts: bool = True
     vocab: int = 256
     shard_bytes: int | None = None  # None: one file; else start a new shard past this many bytes
@@ -141,6 +143,7 @@ def _model_tensors(spec: SyntheticSpec, sink: _Sink, gen: torch.Generator) -> No
     h = spec.hidden
     sink.add(_float(gen, "model.embed_tokens.weight", (spec.vocab, h), dtype), "FLOAT")
     gate, up, down = spec.projections
+    bias_gen = torch.Generator().manual_seed(spec.seed + 1)  # apart: the other tensors are those without biases
     for layer in range(spec.dense_layers + spec.moe_layers + spec.w8a8_moe_layers):
         p = f"model.layers.{layer}"
         sink.add(_float(gen, f"{p}.input_layernorm.weight", (h,), dtype), "FLOAT")
@@ -150,6 +153,8 @@ def _model_tensors(spec: SyntheticSpec, sink: _Sink, gen: torch.Generator) -> No
                 sink.add(_w4a8(spec, gen, f"{p}.self_attn.{proj}", h, h, proj == "o_proj"), SOURCE_TYPE)
             else:
                 sink.add(_w8a8(gen, f"{p}.self_attn.{proj}", h, h), "W8A8_DYNAMIC")
+            if spec.qkv_bias and proj != "o_proj":
+                sink.add(_float(bias_gen, f"{p}.self_attn.{proj}.bias", (h,), dtype), "FLOAT")
         linear_kind = SOURCE_TYPE if spec.w4a8_linear else "W8A8_DYNAMIC"
 
         def mlp(prefix: str, inter: int) -> None:
@@ -259,7 +264,17 @@ def write_checkpoint(root: Path | str, spec: SyntheticSpec = SyntheticSpec()) ->
 
 
 _BASE = SyntheticSpec()
-LLM_PTQ = replace(_BASE, offset_second_dtype="int64")  # what msModelSlim's llm_ptq exporter writes
+# What msModelSlim's llm_ptq exporter writes: int64 zero weight_offset_second, and the model's own q/k/v
+# biases (Qwen2's) as float tensors in the model dtype, bf16 here (modelslim_v1 writes them fp32).
+LLM_PTQ = replace(_BASE, offset_second_dtype="int64", qkv_bias=True)
+# llm_ptq's old format (save_type safe_tensor): the typed description name, one file, no version and no
+# group_size (64 here: only the weight_scale_second shapes tell), attention and MLP projections W4A8 too.
+# Not a preset: vllm-ascend reads 256 for a description without group_size, so comparisons with it give
+# it the inferred value (tests/test_real_exports.py).
+LLM_PTQ_OLD_FORMAT = replace(LLM_PTQ, version=None, group_size=64, describe_group_size=False, w4a8_attention=True,
+                             w4a8_linear=True, num_experts=4,
+                             description_name="quant_model_description_w4a8_dynamic.json",
+                             weight_name="quant_model_weight_w4a8_dynamic")
 PRESETS: dict[str, SyntheticSpec] = {
     # legacy llm_ptq mindie_format: typed description name, one file, no version key
     "moe-group-v0": replace(LLM_PTQ, version=None, description_name="quant_model_description_w8a8_dynamic.json",
