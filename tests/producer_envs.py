@@ -144,13 +144,13 @@ def _ensure(spec: ProducerEnv, env_dir: Path) -> tuple[Path, dict]:
                               "bytes": directory_bytes(env_dir)}
 
 
-def run_python(python: Path, script: Path, *args: str, timeout: int = 1200) -> str:
-    """Run `script` in the producer environment; its stdout, or an AssertionError with its stderr."""
+def run_python(python: Path, script: Path, *args: str, timeout: int = 1200, cwd: Path | None = None) -> str:
+    """Run `script` in the producer environment (in `cwd`); its stdout, or an AssertionError with its stderr."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     done = subprocess.run([str(python), str(script), *args], capture_output=True, text=True, timeout=timeout,
-                          env=env, check=False)
+                          env=env, check=False, cwd=cwd)
     if done.returncode:
         raise AssertionError(f"{script.name} {' '.join(args)} failed ({done.returncode}):\n{done.stderr[-4000:]}")
     return done.stdout
