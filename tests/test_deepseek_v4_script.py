@@ -166,8 +166,6 @@ def test_a_total_that_is_not_the_sum_of_the_chunks_is_refused(script_source, tmp
 # vLLM builds the model's experts under `model.layers.L.mlp.experts` and the MTP draft model's under its
 # own prefix, `mtp.0.mlp.experts`; DeepSeekV4MTP.load_weights loads `mtp.0.` weights into the module at
 # `model.layers.0.mtp_block.` of that model.
-MAIN_LAYERS = {f"model.layers.{i}.mlp.experts": f"model.layers.{i}.mlp.experts"
-               for i in range(DEEPSEEK_V4_SCRIPT.moe_layers)}
 MTP_LAYER = {"mtp.0.mlp.experts": "model.layers.0.mtp_block.mlp.experts"}  # vLLM prefix -> place in the model
 SERVING_SPLITS = [(1, 1), (2, 1), (4, 1), (1, 2)]
 
@@ -176,31 +174,34 @@ def _experts_of(root: Path):
     return ((name, tensor) for name, tensor in serving.weights_from_dir(root) if ".ffn.experts." in name)
 
 
-def serve_on_0_23(root: Path, split: dict, *, plugin_on: bool) -> dict[str, torch.nn.Module]:
-    """One rank of vllm-ascend 0.23 + vLLM 0.23.0 loading `root` (native names) through DeepSeek-V4's own
-    loops, AscendDeepseekV4ForCausalLM.load_weights for the model and DeepSeekV4MTP.load_weights for the
-    MTP layer; with `plugin_on`, the converted checkpoint through the plugin, else the source through the
-    release's own W4A8_DYNAMIC path. Returns the MoE layers by vLLM prefix, post-processed."""
+def serve_on_0_23(root: Path, split: dict, *, plugin_on: bool, spec=DEEPSEEK_V4_SCRIPT) -> dict[str, torch.nn.Module]:
+    """One rank of vllm-ascend 0.23 + vLLM 0.23.0 loading `root` (native names, shapes of `spec`: experts,
+    hidden, intermediate, MoE and MTP layers, model dtype) through DeepSeek-V4's own loops,
+    AscendDeepseekV4ForCausalLM.load_weights for the model and DeepSeekV4MTP.load_weights for an MTP layer;
+    with `plugin_on`, the converted checkpoint through the plugin, else the source through the release's own
+    W4A8_DYNAMIC path. Returns the MoE layers by vLLM prefix, post-processed."""
     description = json.loads((root / "quant_model_description.json").read_text())
-    spec = DEEPSEEK_V4_SCRIPT
+    main_layers = {f"model.layers.{i}.mlp.experts": f"model.layers.{i}.mlp.experts" for i in range(spec.moe_layers)}
+    mtp_layers = MTP_LAYER if spec.mtp_layers else {}
     with serving.ServingEnv(description, model_type="deepseek_v4", release="0.23",
                             params_dtype=getattr(torch, spec.model_dtype), **split) as env:
         if plugin_on:
             plugin.register()
         layers = {prefix: env.moe_layer(prefix, spec.num_experts, spec.hidden, spec.intermediate)
-                  for prefix in (*MAIN_LAYERS, *MTP_LAYER)}
+                  for prefix in (*main_layers, *mtp_layers)}
         for prefix, layer in layers.items():
             assert getattr(layer.quant_method.quant_method, "_w4a8conv_scheme", False) is plugin_on, prefix
             checks._scramble(layer)
-        model = env.model({path: layers[prefix] for prefix, path in MAIN_LAYERS.items()})
-        mtp = env.model({path: layers[prefix] for prefix, path in MTP_LAYER.items()}, mtp=True)
-        assert model.load_weights.__code__.co_filename.endswith("vllm_ascend/models/deepseek_v4.py")
-        assert mtp.load_weights.__code__.co_filename.endswith("vllm_ascend/models/deepseek_v4_mtp.py")
-        loaded = env.load_weights(model, _experts_of(root)) | env.load_weights(mtp, _experts_of(root))
-        assert {name.rsplit(".experts.", 1)[0] + ".experts" for name in loaded} == {*MAIN_LAYERS.values(),
-                                                                                    *MTP_LAYER.values()}
-        env.process_weights_after_loading(model)
-        env.process_weights_after_loading(mtp)
+        models = [env.model({path: layers[prefix] for prefix, path in main_layers.items()})]
+        assert models[0].load_weights.__code__.co_filename.endswith("vllm_ascend/models/deepseek_v4.py")
+        if mtp_layers:
+            models.append(env.model({path: layers[prefix] for prefix, path in mtp_layers.items()}, mtp=True))
+            assert models[1].load_weights.__code__.co_filename.endswith("vllm_ascend/models/deepseek_v4_mtp.py")
+        loaded = set().union(*(env.load_weights(model, _experts_of(root)) for model in models))
+        assert {name.rsplit(".experts.", 1)[0] + ".experts" for name in loaded} == {*main_layers.values(),
+                                                                                    *mtp_layers.values()}
+        for model in models:
+            env.process_weights_after_loading(model)
     return layers
 
 
