@@ -69,6 +69,7 @@ _IMPORTED = time.monotonic()
 INTERRUPT_NOTES = {
     "convert": "finished shards are kept: run the same command with --resume",
     "task": "the task's finished shards are kept: run the same command again",
+    "ray": "finished shards are kept: run the same command with --resume",
     "plan": "run the same command with --force",
     "commit": "nothing is lost: run the same command again",
     "dry-run": "nothing was written",
@@ -181,6 +182,7 @@ def _plan_rows(plan: dict) -> list[tuple[str, str]]:
 
 ForceOpt = Annotated[bool, _flag("--force", help="Replace a previous w4a8conv output in OUTPUT.")]
 OutArg = Annotated[Path, typer.Argument(help="New or empty output directory.", show_default=False)]
+ENGINES = ("local", "ray")
 
 
 @app.command()
@@ -198,18 +200,32 @@ def convert(
     task: Annotated[Optional[int], typer.Option(
         "--task", min=0, metavar="I", help="Run task I of the plan in OUTPUT (w4a8conv plan), with the plan's "
                                            "options; a re-run resumes it.")] = None,
+    engine: Annotated[str, typer.Option(
+        "--engine", metavar="ENGINE", help="local (this host) or ray: the plan's tasks as Ray tasks on a "
+                                           "cluster (pip install 'w4a8conv[ray]'), then the commit.")] = "local",
+    ray_address: Annotated[Optional[str], typer.Option(
+        "--ray-address", metavar="ADDR", help="With --engine ray: the cluster to join (default: ray's own "
+                                              "choice, RAY_ADDRESS or a new local one).")] = None,
+    tasks: Annotated[Optional[int], typer.Option(
+        "--tasks", min=1, metavar="N", help="With --engine ray: tasks to plan (default: one per shard).")] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Write an NPU-ready checkpoint: packed int4 weights, int64 scales, MSD biases."""
-    effect = "dry-run" if dry_run else "task" if task is not None else "convert"
+    effect = "dry-run" if dry_run else "task" if task is not None else "ray" if engine == "ray" else "convert"
     _begin("convert", effect, quiet=quiet, verbose=verbose, as_json=as_json)
+    if engine not in ENGINES:
+        raise typer.BadParameter(f"{engine!r} is not one of {', '.join(ENGINES)}", param_hint="--engine")
     if resume and force:
         raise typer.BadParameter("--resume and --force exclude each other", param_hint="--resume/--force")
-    if task is not None and (resume or force or dry_run):
-        raise typer.BadParameter("--task runs one task of a plan (resuming it by itself): not with --resume, "
-                                 "--force or --dry-run", param_hint="--task")
+    if engine != "ray" and (ray_address is not None or tasks is not None):
+        raise typer.BadParameter("--ray-address and --tasks go with --engine ray", param_hint="--engine")
+    if task is not None and (engine == "ray" or resume or force or dry_run):
+        raise typer.BadParameter("--task runs one task of a plan (resuming it by itself): not with --engine ray, "
+                                 "--resume, --force or --dry-run", param_hint="--task")
+    if engine == "ray" and dry_run:
+        raise typer.BadParameter("--dry-run plans on this host: not with --engine ray", param_hint="--engine")
     sink.phase(f"reading {source}")
     from .api import ConvertOptions
 
@@ -217,6 +233,8 @@ def convert(
                              workers=workers, resume=resume, force=force, dry_run=dry_run)
     if task is not None:
         _convert_task(source, output, task, options, as_json)
+    elif engine == "ray":
+        _convert_on_ray(source, output, options, ray_address, tasks, as_json)
     else:
         _convert_here(source, output, options, as_json)
 
@@ -260,6 +278,22 @@ def _convert_task(source: Path, output: Path, index: int, options, as_json: bool
                     f"{_human(summary['output_bytes'])}{kept} in {summary['seconds']:.1f} s with "
                     f"{summary['workers']} worker(s), peak RSS {_human(summary['peak_rss_bytes'])} -> "
                     f"{summary['output']} (w4a8conv commit {output} when every task is done)")
+    for note in summary["warnings"]:
+        sink.warning(note)
+
+
+def _convert_on_ray(source: Path, output: Path, options, address: Optional[str], tasks: Optional[int],
+                    as_json: bool) -> None:
+    from .ray_engine import convert_on_ray
+
+    with sink.progress("converting on ray") as progress:
+        summary = convert_on_ray(source, output, options=options, address=address, tasks=tasks,
+                                 on_progress=progress, on_phase=sink.phase)
+    if as_json:
+        sink.data(summary)
+        return
+    sink.result(f"converted on ray: {summary['tasks']} task(s) on {summary['nodes']} node(s), {summary['shards']} "
+                f"shard(s), {_human(summary['output_bytes'])} in {summary['seconds']:.1f} s -> {summary['output']}")
     for note in summary["warnings"]:
         sink.warning(note)
 

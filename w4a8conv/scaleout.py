@@ -8,7 +8,7 @@
   same step a single-host run ends with: copied files, index, stamped description last; the plan and
   the task journals removed after it.
 
-docs/scale-out.md describes the model.
+docs/scale-out.md describes the model; `ray_engine.py` runs the tasks on a Ray cluster.
 """
 from __future__ import annotations
 
