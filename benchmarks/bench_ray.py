@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from bench_convert import spec_for, tree_bytes, warm  # noqa: E402 - benchmarks/ is the script's directory
+from bench_convert import GROUP, spec_for, tree_bytes, warm  # noqa: E402 - benchmarks/ is the script's directory
 from ray_cluster import LoopbackCluster, ray_python  # noqa: E402
 from w4a8conv.synthetic import write_checkpoint  # noqa: E402
 
@@ -63,7 +63,7 @@ def main() -> None:
     if not source.exists():  # written under another name first: an interrupted run leaves no half source
         partial = source.with_name(source.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        write_checkpoint(partial, spec_for(args.size_gb, "1.0.0"))
+        write_checkpoint(partial, spec_for(args.size_gb, "1.0.0", GROUP))
         partial.rename(source)
     nbytes, python, rows, reference = tree_bytes(source), ray_python(), [], None
     for label, nodes, workers in (("ray, 1 node x 1 CPU", 1, None), ("ray, 2 nodes x 1 CPU", 2, None),
