@@ -1,9 +1,11 @@
-"""The fast transforms (two-step byte transpose, blocked pair packing, row-blocked bias sums, reused
+"""The fast transforms (compiled kernels, two-step byte transpose, blocked pair packing, row-blocked bias sums, reused
 workspace buffers, results written into a caller's buffer) give bit for bit what the plain formulas
 they replaced give, on random shapes and values, odd sizes and block boundaries included."""
 from __future__ import annotations
 
 from unittest import mock
+
+import os
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from hypothesis.extra import numpy as hnp
 from w4a8conv.constants import DOWN_BIAS_CHUNKS
 from w4a8conv.transforms import MOE_SPECS, LINEAR_SPECS
 from w4a8conv.transforms import bias as bias_module
-from w4a8conv.transforms import int4
+from w4a8conv.transforms import int4, kernels
 from w4a8conv.transforms.bias import msd_bias_chunks
 from w4a8conv.transforms.int4 import (kernel_words_from_pairs, kernel_words_from_values, pack_int4_rows_to_pairs,
                                       transpose_bytes)
@@ -105,6 +107,74 @@ def test_transpose_bytes_at_expert_shapes(torch_one_thread):
     for shape in ((1024, 7168), (3584, 2048), (3584, 2048)):
         matrix = torch.randint(-128, 128, shape, dtype=torch.int8, generator=generator)
         assert torch.equal(transpose_bytes(matrix, workspace=workspace), matrix.t().contiguous())
+
+
+needs_kernels = pytest.mark.skipif(not kernels.AVAILABLE, reason=f"compiled kernels off: {kernels.NAME}")
+
+
+def test_ci_has_the_compiled_kernels():
+    """CI installs the extra `fast` (scripts/setup.sh): the kernel tests below must not skip there."""
+    if os.environ.get("CI") and os.environ.get("W4A8CONV_KERNELS") != "numpy":
+        assert kernels.AVAILABLE, kernels.NAME
+
+
+def multiple_of_8_matrices():
+    return st.tuples(st.integers(0, 12), st.integers(0, 12)).flatmap(
+        lambda shape: hnp.arrays(np.int8, (8 * shape[0], 8 * shape[1]), elements=st.integers(-128, 127)))
+
+
+@needs_kernels
+@SETTINGS
+@given(multiple_of_8_matrices(), st.sampled_from([0, 8, 16, 24]))
+def test_compiled_transpose_equals_numpy_path_and_plain_transpose(matrix, out_offset):
+    """The 8x8-word kernel and the two-step numpy path write the same bytes, partial 8-block tiles
+    (sizes not a multiple of 64) and any 8-byte aligned slice of a staging buffer included."""
+    rows, cols = matrix.shape
+    t = torch.from_numpy(matrix)
+    expected = t.t().contiguous()
+    staging = torch.full((out_offset + rows * cols + 8,), 0x5A, dtype=torch.int8)
+    out = staging[out_offset:out_offset + rows * cols].view(cols, rows)
+    assert kernels.transpose_words(matrix, out.numpy()) == (rows * cols > 0)
+    assert torch.equal(out, expected)
+    assert bool((staging[out_offset + rows * cols:] == 0x5A).all()) and bool((staging[:out_offset] == 0x5A).all())
+    with mock.patch.object(kernels, "AVAILABLE", False):
+        assert torch.equal(transpose_bytes(t, workspace=Workspace()), expected)
+
+
+def test_compiled_transpose_declines_what_it_cannot_do():
+    """Sizes not a multiple of 8 and unaligned buffers go to the numpy path (the property tests above
+    cover their bytes)."""
+    assert not kernels.transpose_words(np.zeros((8, 12), np.int8), np.zeros((12, 8), np.int8))
+    unaligned = np.zeros(8 * 8 + 1, np.int8)[1:].reshape(8, 8)
+    assert not kernels.transpose_words(unaligned, np.zeros((8, 8), np.int8))
+
+
+@needs_kernels
+def test_compiled_kernels_at_expert_shapes(torch_one_thread):
+    """DeepSeek-V3's gate/up and down projections, both version "1.0.0" pairs and version "0" values."""
+    generator = torch.Generator().manual_seed(5)
+    for shape in ((1024, 7168), (3584, 2048)):
+        matrix = torch.randint(-128, 128, shape, dtype=torch.int8, generator=generator)
+        out = np.empty(shape[::-1], np.int8)
+        assert kernels.transpose_words(matrix.numpy(), out)
+        assert torch.equal(torch.from_numpy(out), matrix.t().contiguous())
+        values = torch.randint(-8, 8, (2 * shape[0], shape[1]), dtype=torch.int8, generator=generator)
+        with mock.patch.object(kernels, "AVAILABLE", False):
+            numpy_path = kernel_words_from_values(values, workspace=Workspace())
+        assert same_bits(kernel_words_from_values(values, workspace=Workspace()), numpy_path)
+
+
+@needs_kernels
+@SETTINGS
+@given(st.tuples(st.integers(0, 20).map(lambda n: 2 * n), st.integers(0, 40)).flatmap(
+    lambda shape: hnp.arrays(np.int8, shape, elements=st.integers(-128, 127))))
+def test_compiled_pair_packing_equals_numpy_path(values):
+    """Every int8 value, out-of-range ones included (the high nibble wraps as the formula's does)."""
+    t = torch.from_numpy(values)
+    compiled = pack_int4_rows_to_pairs(t, workspace=Workspace())
+    with mock.patch.object(kernels, "AVAILABLE", False):
+        assert torch.equal(pack_int4_rows_to_pairs(t, workspace=Workspace()), compiled)
+    assert torch.equal(compiled, plain_pack_rows(t))
 
 
 def test_transpose_refuses_a_wrong_destination():

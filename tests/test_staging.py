@@ -171,7 +171,7 @@ def test_a_producer_error_stops_the_staging_thread_and_leaves_no_file(plan_and_s
         write_one(tmp_path, plan, src, pool, failing)
     assert list(tmp_path.iterdir()) == []
     assert pool.idle() == pool.count
-    assert not [t for t in __import__("threading").enumerate() if t.name == "w4a8conv-writer"]
+    assert not [t for t in __import__("threading").enumerate() if t.name in ("w4a8conv-hash", "w4a8conv-write")]
 
 
 def test_a_write_error_mid_run_keeps_finished_shards_for_resume(preset_source, tmp_path, monkeypatch):

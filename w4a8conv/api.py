@@ -19,7 +19,7 @@ from .runtime.vllm_ascend import serving_release_lines
 from .source import TensorReader, open_source
 from .source.checkpoint import DEFAULT_GROUP_SIZE, GroupSizeFrom, SourceCheckpoint, read_json
 from .stamp import LinearRecord, ModuleRecord, MoeRecord, ShardRecord, SourceRecord, Stamp
-from .transforms import LINEAR_SPECS
+from .transforms import LINEAR_SPECS, kernels
 from .version import __version__
 from .writer import assign_shards
 
@@ -68,7 +68,7 @@ class ConvertReport:
             "peak_rss_bytes": self.peak_rss_bytes, "workers": self.resources.workers,
             "workers_requested": self.resources.workers_requested,
             "workers_choice": self.resources.summary()["workers_choice"], "usable_cpus": usable_cpus(),
-            "plan": self.resources.summary(), "warnings": self.warnings,
+            "kernels": kernels.NAME, "plan": self.resources.summary(), "warnings": self.warnings,
         }
 
 

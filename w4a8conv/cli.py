@@ -257,7 +257,8 @@ def _convert_here(source: Path, output: Path, options, as_json: bool) -> None:
                     f"{summary['shards']} shard(s), {_human(summary['source_bytes'])} -> "
                     f"{_human(summary['output_bytes'])} in {summary['seconds']:.1f} s ({summary['wall_seconds']:.1f} s "
                     f"since start) with {summary['workers']} "
-                    f"worker(s){_capped(summary)}, peak RSS {_human(summary['peak_rss_bytes'])} -> "
+                    f"worker(s){_capped(summary)}, {summary['kernels']} kernels, "
+                    f"peak RSS {_human(summary['peak_rss_bytes'])} -> "
                     f"{summary['output']}")
     for note in summary["warnings"]:
         sink.warning(note)

@@ -1,11 +1,13 @@
 """Staging buffers between the transforms and the disk: a shard's bytes are produced straight into one
-of two reused, page-aligned 64 MiB buffers; a second thread hashes each full buffer and writes it
-(`pwrite`, then `sync_file_range` write-behind), then hands it back. Producing, hashing and writing
-overlap (hashlib and `pwrite` release the GIL), and memory stays two buffers whatever the model.
+of two reused, page-aligned 64 MiB buffers; when one is full, a hashing thread and a writing thread
+(`pwrite`, then `sync_file_range` write-behind) both read it, and the last of them to finish hands it
+back. Producing, hashing and writing overlap (hashlib and `pwrite` release the GIL; sha256, the
+slowest of them on many hosts, never waits for the disk), and memory stays two buffers whatever the
+model.
 
 A `StagingPool` lives as long as a process converts (its buffers are allocated and faulted in once);
-a `StagedFile` writes one file through it. An error of the writing thread (a full disk, a failing
-hash) is raised again, as the same exception, by the producing thread's next call.
+a `StagedFile` writes one file through it. An error of either thread (a full disk, a failing hash)
+is raised again, as the same exception, by the producing thread's next call.
 """
 from __future__ import annotations
 
@@ -17,11 +19,12 @@ import os
 import queue
 import sys
 import threading
+from collections.abc import Callable
 
 __all__ = ["BUFFER_BYTES", "BUFFERS", "StagingPool", "StagedFile"]
 
 BUFFER_BYTES = 64 * 2**20
-BUFFERS = 2  # one filling, one hashing and writing
+BUFFERS = 2  # one filling, one being hashed and written
 
 
 class StagingPool:
@@ -110,32 +113,55 @@ class StagedFile:
         self._digest = hashlib.sha256()
         self._error: BaseException | None = None
         self._aborted = False
-        self._full: queue.Queue = queue.Queue()
         self._buffer: memoryview | None = pool.take()
         self._used = 0
-        self._handed = 0  # bytes of full buffers handed to the writing thread
+        self._handed = 0  # bytes of full buffers handed to the threads
         self._offset = 0  # where the writing thread writes next
         self._writeback = _Writeback(fd, 0)
-        self._thread = threading.Thread(target=self._run, name="w4a8conv-writer", daemon=True)
-        self._thread.start()
+        self._readers: dict[int, int] = {}  # id(buffer) -> threads still reading it
+        self._readers_lock = threading.Lock()
+        self._queues: list[queue.Queue] = [queue.Queue(), queue.Queue()]
+        self._threads = [threading.Thread(target=self._run, args=(q, work), name=f"w4a8conv-{name}", daemon=True)
+                         for q, work, name in zip(self._queues, (self._hash, self._write), ("hash", "write"))]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def capacity(self) -> int:
         """The largest `reserve`."""
         return self._pool.buffer_bytes
 
-    def _run(self) -> None:
-        while (item := self._full.get()) is not self._DONE:
+    def _hash(self, data: memoryview) -> None:
+        self._digest.update(data)
+
+    def _write(self, data: memoryview) -> None:
+        _pwrite_all(self._fd, data, self._offset)
+        self._offset += len(data)
+        self._writeback.advance(len(data))
+
+    def _run(self, full: queue.Queue, work: Callable[[memoryview], None]) -> None:
+        while (item := full.get()) is not self._DONE:
             buffer, used = item
             if self._error is None and not self._aborted:
                 try:
-                    data = buffer[:used]
-                    self._digest.update(data)
-                    _pwrite_all(self._fd, data, self._offset)
-                    self._offset += used
-                    self._writeback.advance(used)
+                    work(buffer[:used])
                 except BaseException as exc:  # raised again by the producing thread
                     self._error = exc
+            self._done_reading(buffer)
+
+    def _hand_over(self, buffer: memoryview, used: int) -> None:
+        with self._readers_lock:
+            self._readers[id(buffer)] = len(self._queues)
+        for full in self._queues:
+            full.put((buffer, used))
+
+    def _done_reading(self, buffer: memoryview) -> None:
+        with self._readers_lock:
+            self._readers[id(buffer)] -= 1
+            last = not self._readers[id(buffer)]
+            if last:
+                del self._readers[id(buffer)]
+        if last:
             self._pool.give_back(buffer)
 
     def _raise_error(self) -> None:
@@ -148,8 +174,8 @@ class StagedFile:
         return self._handed + self._used
 
     def _next_buffer(self) -> None:
-        """Hand the current buffer to the writing thread and take the next free one."""
-        self._full.put((self._buffer, self._used))
+        """Hand the current buffer to the hashing and writing threads and take the next free one."""
+        self._hand_over(self._buffer, self._used)
         self._handed += self._used
         self._buffer, self._used = None, 0
         self._buffer = self._pool.take()
@@ -183,9 +209,9 @@ class StagedFile:
             view = view[len(region):]
 
     def finish(self) -> str:
-        """Write what is staged, wait for the writing thread; the sha256 hex digest of the whole file."""
+        """Write what is staged, wait for both threads; the sha256 hex digest of the whole file."""
         if self._used:
-            self._full.put((self._buffer, self._used))
+            self._hand_over(self._buffer, self._used)
         elif self._buffer is not None:
             self._pool.give_back(self._buffer)
         self._buffer = None
@@ -202,6 +228,7 @@ class StagedFile:
         self._stop()
 
     def _stop(self) -> None:
-        if self._thread.is_alive():
-            self._full.put(self._DONE)
-            self._thread.join()
+        for full, thread in zip(self._queues, self._threads):
+            if thread.is_alive():
+                full.put(self._DONE)
+                thread.join()
