@@ -146,7 +146,7 @@ def startup_seconds() -> float:
     runs = []
     for _ in range(3):
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import w4a8conv.cli, w4a8conv.api, torch"], check=True, cwd=REPO)
+        subprocess.run([sys.executable, "-c", "import w4a8conv.cli, w4a8conv.api, w4a8conv.transforms.kernels, torch"], check=True, cwd=REPO)
         runs.append(time.perf_counter() - start)
     return statistics.median(runs)
 
@@ -260,6 +260,11 @@ def runtime_versus_vllm_ascend(work: Path, experts: int) -> dict:
             "runtime_runs": runtime_runs}
 
 
+def kernels_name() -> str:
+    return subprocess.run([sys.executable, "-c", "from w4a8conv.transforms import kernels; print(kernels.NAME)"],
+                          capture_output=True, text=True, check=True, cwd=REPO).stdout.strip()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes-gb", type=float, nargs="+", default=[1.0],
@@ -284,7 +289,7 @@ def main() -> None:
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "?")
     print(f"run {started}; machine: {platform.machine()} {model}, {os.cpu_count()} CPUs "
           f"({len(os.sched_getaffinity(0))} usable), SHA-NI: {'yes' if ' sha_ni' in cpuinfo else 'no'}, "
-          f"python {platform.python_version()}")
+          f"python {platform.python_version()}, kernels: {kernels_name()}")
     print(f"uptime before: {uptime_before}\nuptime after: {uptime_after}")
     print(f"one core's sha256: {rates['sha256_bytes_per_s'] / 1e9:.2f} GB/s; interpreter + imports start-up: "
           f"{rates['startup_seconds']:.2f} s (in every convert's wall time)\n")
