@@ -126,7 +126,7 @@ def test_narrow_columns_do_not_wrap_output_off_a_terminal(runs, command):
         assert re.fullmatch(r"converted \d+ W4A8 modules, .* s since start\) with \d+ worker\(s\)"
                             r"( \(of \d+ requested: \d+ shard\(s\), \d+ usable CPU\(s\)\)"
                             r"| \(default: one per two usable CPUs, one per shard at most; \d+ usable CPU\(s\)\))?, "
-                            r"peak RSS .* -> "
+                            r"(numba \S+|numpy) kernels, peak RSS .* -> "
                             r"\S+/40/out", summary), summary
         (warning,) = [line for line in narrow.stderr.splitlines() if line.startswith("warning:")]
         assert warning.endswith("w4a8conv computes it (8·Σ W·s)"), warning
