@@ -80,8 +80,9 @@ def transpose_bytes(matrix: torch.Tensor, out: torch.Tensor | None = None,
                     workspace: Workspace | None = None) -> torch.Tensor:
     """int8 [R, C] -> contiguous int8 [C, R] (equal to `matrix.t().contiguous()`).
 
-    With the compiled kernel (`kernels.py`, about 4 times as fast as `.t().contiguous()` here) where it
-    applies; otherwise two steps (2-3 times as fast): a byte-wise transpose gathers one byte per cache line. Instead, transpose 8-byte words (each holds
+    With the compiled kernel (`kernels.py`; 2.5-3 times as fast as `.t().contiguous()`) where it
+    applies; otherwise in two steps (about 2 times as fast). A byte-wise transpose gathers one byte
+    per cache line. Instead, transpose 8-byte words (each holds
     8 consecutive columns of one row) with torch's cache-blocked 2-D transpose copy (numpy's strided
     copy is 2-5 times slower on these shapes), then split every word's bytes onto 8 output rows, one
     contiguous [R, 8] -> [8, R] block after another (numpy's strided copy, ~3.5 GB/s). The words are
