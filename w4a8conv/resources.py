@@ -56,8 +56,8 @@ DEFAULT_WORKERS_RULE = "default: one per two usable CPUs, one per shard at most"
 
 
 def default_workers() -> int:
-    """One worker per two usable CPUs: a worker keeps two threads busy (transforms, then hashing and
-    writing on the staging thread), so two workers on two CPUs only contend (measured, docs/benchmarks.md)."""
+    """One worker per two usable CPUs: a worker keeps two CPUs busy (the transforms, and the hashing and
+    writing threads of staging.py), so two workers on two CPUs only contend (measured, docs/benchmarks.md)."""
     return max(1, usable_cpus() // 2)
 
 

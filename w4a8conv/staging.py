@@ -118,8 +118,7 @@ class StagedFile:
         self._handed = 0  # bytes of full buffers handed to the threads
         self._offset = 0  # where the writing thread writes next
         self._writeback = _Writeback(fd, 0)
-        self._readers: dict[int, int] = {}  # id(buffer) -> threads still reading it
-        self._readers_lock = threading.Lock()
+        self._readers_lock = threading.Lock()  # guards each handed buffer's count of threads still reading it
         self._queues: list[queue.Queue] = [queue.Queue(), queue.Queue()]
         self._threads = [threading.Thread(target=self._run, args=(q, work), name=f"w4a8conv-{name}", daemon=True)
                          for q, work, name in zip(self._queues, (self._hash, self._write), ("hash", "write"))]
@@ -141,28 +140,22 @@ class StagedFile:
 
     def _run(self, full: queue.Queue, work: Callable[[memoryview], None]) -> None:
         while (item := full.get()) is not self._DONE:
-            buffer, used = item
+            buffer, used, readers = item
             if self._error is None and not self._aborted:
                 try:
                     work(buffer[:used])
                 except BaseException as exc:  # raised again by the producing thread
                     self._error = exc
-            self._done_reading(buffer)
+            with self._readers_lock:
+                readers[0] -= 1
+                last = not readers[0]
+            if last:
+                self._pool.give_back(buffer)
 
     def _hand_over(self, buffer: memoryview, used: int) -> None:
-        with self._readers_lock:
-            self._readers[id(buffer)] = len(self._queues)
+        readers = [len(self._queues)]  # the last thread to finish with the buffer gives it back
         for full in self._queues:
-            full.put((buffer, used))
-
-    def _done_reading(self, buffer: memoryview) -> None:
-        with self._readers_lock:
-            self._readers[id(buffer)] -= 1
-            last = not self._readers[id(buffer)]
-            if last:
-                del self._readers[id(buffer)]
-        if last:
-            self._pool.give_back(buffer)
+            full.put((buffer, used, readers))
 
     def _raise_error(self) -> None:
         if self._error is not None:

@@ -31,7 +31,13 @@ NAME = f"numba {numba.__version__}" if AVAILABLE else "numpy"
 _BLOCK_WORDS = 8  # 8x8 blocks of words (64 x 64 bytes) per tile: one tile's lines stay in L1
 
 
-def _transpose_words(src, dst):  # pragma: no cover - compiled; the numpy twin is tested against it
+def _swap(a, b, shift, mask):  # pragma: no cover - compiled
+    """Exchange the `mask` bits of b with the bits of a `shift` above them (one round of the 8x8 transpose)."""
+    t = ((a >> shift) ^ b) & mask
+    return a ^ (t << shift), b ^ t
+
+
+def _transpose_words(src, dst):  # pragma: no cover - compiled; the numpy path is tested against it
     """src uint64 [R, C/8] (an int8 [R, C] matrix's rows as words), dst uint64 [C, R/8]; R % 8 == 0."""
     rows8 = src.shape[0] // 8
     cols8 = src.shape[1]
@@ -48,18 +54,18 @@ def _transpose_words(src, dst):  # pragma: no cover - compiled; the numpy twin i
                     r = 8 * i
                     x0, x1, x2, x3 = src[r, j], src[r + 1, j], src[r + 2, j], src[r + 3, j]
                     x4, x5, x6, x7 = src[r + 4, j], src[r + 5, j], src[r + 6, j], src[r + 7, j]
-                    t = ((x0 >> s32) ^ x4) & m32; x4 ^= t; x0 ^= t << s32  # noqa: E702
-                    t = ((x1 >> s32) ^ x5) & m32; x5 ^= t; x1 ^= t << s32  # noqa: E702
-                    t = ((x2 >> s32) ^ x6) & m32; x6 ^= t; x2 ^= t << s32  # noqa: E702
-                    t = ((x3 >> s32) ^ x7) & m32; x7 ^= t; x3 ^= t << s32  # noqa: E702
-                    t = ((x0 >> s16) ^ x2) & m16; x2 ^= t; x0 ^= t << s16  # noqa: E702
-                    t = ((x1 >> s16) ^ x3) & m16; x3 ^= t; x1 ^= t << s16  # noqa: E702
-                    t = ((x4 >> s16) ^ x6) & m16; x6 ^= t; x4 ^= t << s16  # noqa: E702
-                    t = ((x5 >> s16) ^ x7) & m16; x7 ^= t; x5 ^= t << s16  # noqa: E702
-                    t = ((x0 >> s8) ^ x1) & m8; x1 ^= t; x0 ^= t << s8  # noqa: E702
-                    t = ((x2 >> s8) ^ x3) & m8; x3 ^= t; x2 ^= t << s8  # noqa: E702
-                    t = ((x4 >> s8) ^ x5) & m8; x5 ^= t; x4 ^= t << s8  # noqa: E702
-                    t = ((x6 >> s8) ^ x7) & m8; x7 ^= t; x6 ^= t << s8  # noqa: E702
+                    x0, x4 = _swap(x0, x4, s32, m32)
+                    x1, x5 = _swap(x1, x5, s32, m32)
+                    x2, x6 = _swap(x2, x6, s32, m32)
+                    x3, x7 = _swap(x3, x7, s32, m32)
+                    x0, x2 = _swap(x0, x2, s16, m16)
+                    x1, x3 = _swap(x1, x3, s16, m16)
+                    x4, x6 = _swap(x4, x6, s16, m16)
+                    x5, x7 = _swap(x5, x7, s16, m16)
+                    x0, x1 = _swap(x0, x1, s8, m8)
+                    x2, x3 = _swap(x2, x3, s8, m8)
+                    x4, x5 = _swap(x4, x5, s8, m8)
+                    x6, x7 = _swap(x6, x7, s8, m8)
                     c = 8 * j
                     dst[c, i], dst[c + 1, i], dst[c + 2, i], dst[c + 3, i] = x0, x1, x2, x3
                     dst[c + 4, i], dst[c + 5, i], dst[c + 6, i], dst[c + 7, i] = x4, x5, x6, x7
@@ -74,6 +80,7 @@ def _pack_row_pairs(values, out):  # pragma: no cover - compiled
 
 if AVAILABLE:
     _jit = numba.njit(cache=True, nogil=True)
+    _swap = numba.njit(inline="always")(_swap)
     _transpose_words = _jit(_transpose_words)
     _pack_row_pairs = _jit(_pack_row_pairs)
 
